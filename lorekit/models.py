@@ -1,0 +1,191 @@
+"""Loading open_clip models, the [0,1]-pixel image-encoder wrapper, and the zero-shot classifier.
+
+Attacks work in pixel space, so resizing and mean/std normalisation live inside
+`ImageEncoder.forward`: an ε of 4/255 always means four grey levels.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ConfigError
+
+TINY_MODEL = "lorekit-tiny"
+TINY_TAG = "digits"
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+# Model configs are data (open_clip style): registering the folder makes 'lorekit-tiny' a model name.
+open_clip.add_model_config(Path(__file__).parent / "model_configs")
+
+
+class ImageEncoder(nn.Module):
+    """[0,1] RGB images -> raw (not L2-normalised) embeddings of any image tower.
+
+    Resizes (short side, then centre crop, as the model's own preprocessing does) and normalises
+    inside forward, differentiably, so attacks and ε stay in pixel space.
+    """
+
+    def __init__(self, visual: nn.Module, image_size: int | Sequence[int],
+                 mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.visual = visual
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        self.image_size: tuple[int, int] = (int(size[0]), int(size[1]))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if tuple(images.shape[-2:]) != self.image_size:
+            images = _resize_center_crop(images, self.image_size)
+        return self.visual((images - self.mean) / self.std)
+
+
+def _resize_center_crop(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    h, w = images.shape[-2:]
+    scale = max(size[0] / h, size[1] / w)
+    new = (max(size[0], round(h * scale)), max(size[1], round(w * scale)))
+    images = F.interpolate(images, size=new, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    top, left = (new[0] - size[0]) // 2, (new[1] - size[1]) // 2
+    return images[..., top:top + size[0], left:left + size[1]]
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """φθ0: an independent, frozen, eval-mode copy of the encoder."""
+    ref = copy.deepcopy(module).eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+@dataclass
+class LoadedCLIP:
+    """An open_clip model with its tokenizer and a pixel-space wrapper of its image tower."""
+
+    model: nn.Module
+    tokenizer: Any
+    name: str
+    pretrained: str
+    encoder: ImageEncoder
+
+    def class_embeddings(self, classnames: Sequence[str], templates: Sequence[str],
+                         device: torch.device | str | None = None) -> torch.Tensor:
+        return class_embeddings(self.model, self.tokenizer, classnames, templates, device)
+
+
+def _looks_like_path(pretrained: str) -> bool:
+    return os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES) or Path(pretrained).exists()
+
+
+def resolve_model_name(name: str, pretrained: str) -> str:
+    """Check the name; OpenAI weights need open_clip's QuickGELU variant (3.x no longer switches)."""
+    if name.startswith("hf-hub:"):
+        if pretrained:
+            raise ConfigError(f"pretrained={pretrained!r}: an 'hf-hub:' model carries its own weights; leave pretrained ''")
+        return name
+    known = open_clip.list_models()
+    if name not in known:
+        close = [m for m in known if name.lower().split("-")[0] in m.lower()][:8] or known[:8]
+        raise ConfigError(f"model={name!r}: unknown open_clip model; valid are open_clip.list_models() "
+                          f"(e.g. {', '.join(close)}) or 'hf-hub:org/name'")
+    if pretrained == "openai" and not name.endswith("-quickgelu") and f"{name}-quickgelu" in known:
+        return f"{name}-quickgelu"
+    return name
+
+
+def check_pretrained(name: str, pretrained: str) -> None:
+    """Fail fast on a tag the model does not have, or a checkpoint file that is missing."""
+    if not pretrained or name.startswith("hf-hub:"):
+        return
+    base = name.removesuffix("-quickgelu")
+    if name == TINY_MODEL and pretrained == TINY_TAG:
+        return
+    if _looks_like_path(pretrained):
+        if not Path(pretrained).is_file():
+            raise ConfigError(f"pretrained={pretrained!r}: checkpoint file not found")
+        return
+    tags = set(open_clip.list_pretrained_tags_by_model(name)) | set(open_clip.list_pretrained_tags_by_model(base))
+    if pretrained not in tags:
+        valid = sorted(tags) + ([TINY_TAG] if name == TINY_MODEL else [])
+        raise ConfigError(f"pretrained={pretrained!r}: not a pretrained tag of {name!r} (valid: "
+                          f"{', '.join(valid) or 'none'}), and no such checkpoint file exists")
+
+
+def load_clip(name: str, pretrained: str = "", *, image_encoder: str | Path | None = None,
+              cache_dir: str | Path | None = None, device: torch.device | str = "cpu") -> LoadedCLIP:
+    """Load an open_clip model by name + pretrained tag, 'hf-hub:org/name', or a local checkpoint.
+
+    `pretrained='digits'` with `name='lorekit-tiny'` pretrains the embedded model on first use and
+    caches it. `image_encoder` optionally swaps in fine-tuned image-tower weights (a run's encoder.pt).
+    """
+    resolved = resolve_model_name(name, pretrained)
+    if resolved != name:
+        print(f"lorekit: OpenAI weights use QuickGELU; loading {resolved!r} instead of {name!r}")
+    check_pretrained(resolved, pretrained)
+    if resolved == TINY_MODEL and pretrained == TINY_TAG:
+        from .pretrain import pretrained_tiny_checkpoint
+
+        pretrained = str(pretrained_tiny_checkpoint(cache_dir))
+    try:
+        model = open_clip.create_model(resolved, pretrained=pretrained or None,
+                                       cache_dir=str(cache_dir) if cache_dir else None)
+    except Exception as e:  # open_clip raises many types for unreadable or mismatched weights
+        if _looks_like_path(pretrained):
+            raise ConfigError(f"pretrained={pretrained!r}: not a readable open_clip checkpoint for "
+                              f"{resolved!r} ({type(e).__name__}: {str(e)[:200]})") from None
+        raise
+    model = model.to(device).eval()
+    pp = model.visual.preprocess_cfg if hasattr(model.visual, "preprocess_cfg") else {}
+    encoder = ImageEncoder(model.visual, model.visual.image_size,
+                           pp.get("mean", open_clip.OPENAI_DATASET_MEAN),
+                           pp.get("std", open_clip.OPENAI_DATASET_STD)).to(device)
+    if image_encoder is not None:
+        load_encoder_weights(encoder, image_encoder)
+    tokenizer = open_clip.get_tokenizer(resolved, cache_dir=str(cache_dir) if cache_dir else None)
+    return LoadedCLIP(model, tokenizer, resolved, pretrained, encoder)
+
+
+def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
+    """Load a state dict written by the trainer (encoder.pt) into `encoder`, with clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"image_encoder={str(path)!r}: file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        encoder.load_state_dict(state)
+    except Exception as e:
+        raise ConfigError(f"image_encoder={str(path)!r}: not a state dict for this encoder "
+                          f"({type(e).__name__}: {str(e)[:200]})") from None
+
+
+@torch.no_grad()
+def class_embeddings(model: nn.Module, tokenizer: Any, classnames: Sequence[str], templates: Sequence[str],
+                     device: torch.device | str | None = None) -> torch.Tensor:
+    """[C, D] zero-shot weights: per class, the mean of normalised template embeddings, renormalised."""
+    device = device or next(model.parameters()).device
+    out = []
+    for name in classnames:
+        tokens = tokenizer([t.format(c=name) for t in templates]).to(device)
+        emb = F.normalize(model.encode_text(tokens).float(), dim=-1).mean(0)
+        out.append(F.normalize(emb, dim=-1))
+    return torch.stack(out)
+
+
+class ZeroShotClassifier(nn.Module):
+    """logits = scale · cos(φ(x), w_c): the CLIP zero-shot head over fixed class embeddings."""
+
+    def __init__(self, encoder: nn.Module, class_embeddings: torch.Tensor, scale: float = 100.0) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.register_buffer("weights", F.normalize(class_embeddings.float(), dim=-1), persistent=False)
+        self.scale = scale
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.normalize(self.encoder(images).float(), dim=-1) @ self.weights.T

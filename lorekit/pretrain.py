@@ -1,0 +1,94 @@
+"""Contrastive pretraining of the embedded tiny CLIP ('lorekit-tiny') on the digits train split.
+
+Run once on first use and cached under <cache_dir>/ (the path is printed); a file lock makes
+concurrent first uses (sweep workers, test processes) wait for one pretraining instead of racing.
+The objective is CLIP's symmetric image–text contrastive loss with the class prompts of the
+batch as the text side: with ten classes, many images share a caption, so the text→image
+direction uses a uniform target over the images of that class.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from filelock import FileLock
+from tqdm.auto import tqdm
+
+from .config import default_cache_dir
+
+SETTINGS = {"steps": 500, "batch_size": 128, "lr": 1e-3, "weight_decay": 0.05, "warmup": 50, "seed": 0,
+            "shift": 2, "version": 2}
+
+
+def _augment(x: torch.Tensor, shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Random translations of up to `shift` pixels (zero padding), one per image."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (shift, shift, shift, shift))
+    dy, dx = (torch.randint(0, 2 * shift + 1, (2, b), generator=gen)).tolist()
+    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
+
+
+def pretrain_tiny(settings: dict = SETTINGS, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Train lorekit-tiny from scratch on the digits train split; return its state dict."""
+    from .data import digits
+
+    torch.manual_seed(settings["seed"])
+    gen = torch.Generator().manual_seed(settings["seed"])
+    model = open_clip.create_model("lorekit-tiny")
+    tokenizer = open_clip.get_tokenizer("lorekit-tiny")
+    bundle = digits()
+    x_all, y_all = bundle.train.tensors
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    prompts = tokenizer([t.format(c=c) for c in bundle.classnames for t in bundle.templates])
+    prompts = prompts.view(len(bundle.classnames), len(bundle.templates), -1)
+    opt = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"])
+    total, warm = settings["steps"], settings["warmup"]
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / total)).item()))
+    model.train()
+    for _ in tqdm(range(total), desc="pretraining lorekit-tiny on digits", disable=not progress):
+        idx = torch.randint(0, len(y_all), (settings["batch_size"],), generator=gen)
+        x, y = _augment(x_all[idx], settings["shift"], gen), y_all[idx]
+        pick = torch.randint(0, prompts.shape[1], (prompts.shape[0],), generator=gen)
+        text = prompts[torch.arange(prompts.shape[0]), pick]
+        img = F.normalize(model.encode_image((x - mean) / std), dim=-1)
+        txt = F.normalize(model.encode_text(text), dim=-1)
+        logits = model.logit_scale.exp() * img @ txt.T
+        same = (y[None, :] == torch.arange(len(txt))[:, None]).float()
+        present = same.sum(1) > 0
+        t2i = -(same[present] / same[present].sum(1, keepdim=True) * logits.T[present].log_softmax(-1)).sum(1).mean()
+        loss = 0.5 * (F.cross_entropy(logits, y) + t2i)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, 4.6052)
+    return model.eval().state_dict()
+
+
+def pretrained_tiny_checkpoint(cache_dir: str | Path | None = None) -> Path:
+    """Path of the cached pretrained lorekit-tiny checkpoint, pretraining it on first use."""
+    cache = Path(cache_dir or default_cache_dir()).expanduser()
+    cache.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(json.dumps(SETTINGS, sort_keys=True).encode()).hexdigest()[:10]
+    path = cache / f"lorekit-tiny-digits-{digest}.pt"
+    with FileLock(str(path) + ".lock"):
+        if not path.exists():
+            print(f"lorekit: pretraining the embedded lorekit-tiny CLIP on digits (once); caching to {path}")
+            start = time.perf_counter()
+            state = pretrain_tiny()
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+            print(f"lorekit: pretraining took {time.perf_counter() - start:.0f} s")
+    return path

@@ -1,0 +1,630 @@
+"""Parameter sweeps over notebooks: run a papermill notebook once per point of a grid, in worker processes.
+
+Layout written by :func:`run_sweep`::
+
+    <out_root>/<sweep>/index.json                 notebook, base parameters, every point's run id/status/wall time
+    <out_root>/<sweep>/<run-id>/<notebook>.ipynb  the executed notebook (kept on failure; never widget state)
+    <out_root>/<sweep>/<run-id>/result.json       status, parameters, wall time, error, the notebook's own results
+    <out_root>/<sweep>/<run-id>/...               anything else the notebook writes: it runs with cwd = its run dir
+
+Notebook convention: a cell tagged ``parameters`` declares every parameter; the notebook may write a
+``results.json`` into its working directory, which is copied into ``result.json`` under ``"results"``.
+
+Running a sweep again skips points whose ``result.json`` says ok for identical parameters and redoes the rest
+(failed points, new points, points interrupted by a killed run).
+
+Python::
+
+    points = grid(method=["lore"], rho=[0.01, 0.05]) + grid(method=["fare_reg"], lam=[0.1, 1.0]) + [{"method": "fare"}]
+    res = run_sweep("notebooks/finetune.ipynb", "rho-lam", points, base={"steps": 20}, workers=2)
+
+Command line (``python -m lorekit sweep``, see :func:`add_arguments`)::
+
+    python -m lorekit sweep notebooks/finetune.ipynb --name rho --grid rho=0.01,0.05,0.1 --grid method=lore \\
+        --set steps=20 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import itertools
+import json
+import multiprocessing
+import numbers
+import os
+import re
+import shutil
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+INDEX_FILE = "index.json"
+RESULT_FILE = "result.json"
+NOTEBOOK_RESULTS_FILE = "results.json"
+WIDGET_STATE_MIME = "application/vnd.jupyter.widget-state+json"
+MAX_RUN_ID_LENGTH = 120
+
+_SWEEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=,-]*")
+_UNSAFE = re.compile(r"[^A-Za-z0-9.,+-]+")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class SweepError(ValueError):
+    """A sweep request that cannot be run as given (unknown parameter, bad value, name clash, ...)."""
+
+
+@dataclass
+class SweepResult:
+    """A sweep's index and the ``result.json`` of each point that has one, keyed by run id in point order."""
+
+    sweep_dir: Path
+    index: dict[str, Any]
+    results: dict[str, dict[str, Any]]
+
+    @property
+    def ok(self) -> list[str]:
+        """Run ids of the points that finished without error."""
+        return [rid for rid, res in self.results.items() if res["status"] == "ok"]
+
+    @property
+    def failed(self) -> list[str]:
+        """Run ids of the points whose notebook raised (or whose worker died)."""
+        return [rid for rid, res in self.results.items() if res["status"] == "failed"]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One flat dict per finished point (parameters, then the notebook's results), e.g. for a DataFrame."""
+        return [
+            {
+                "run_id": rid,
+                "status": res["status"],
+                "wall_time_s": res["wall_time_s"],
+                **res["parameters"],
+                **(res.get("results") or {}),
+            }
+            for rid, res in self.results.items()
+        ]
+
+
+# --------------------------------------------------------------------------------------------- points
+
+
+def grid(**lists: Iterable[Any]) -> list[dict[str, Any]]:
+    """Cartesian product of value lists, e.g. ``grid(rho=[0.01, 0.1], method=["lore"])`` -> 2 points.
+
+    Several grids concatenate into one sweep: ``grid(...) + grid(...) + [{...}]``.
+    """
+    values = {}
+    for name, vals in lists.items():
+        # A bare string would silently become one point per character.
+        if isinstance(vals, (str, bytes, Mapping)) or not isinstance(vals, Iterable):
+            raise SweepError(f"grid({name}=...) needs a list of values, got {type(vals).__name__} {vals!r}")
+        values[name] = list(vals)
+        if not values[name]:
+            raise SweepError(f"grid({name}=[]) has no values")
+    return [dict(zip(values, combo, strict=True)) for combo in itertools.product(*values.values())]
+
+
+def to_builtin(value: Any, name: str = "value") -> Any:
+    """Cast a parameter value to the builtins papermill injects as literals (it injects anything else as a string).
+
+    numpy scalars -> int/float/bool/str, tuples and arrays -> lists; dict keys must be strings.
+    Raises :class:`SweepError` naming the parameter for anything else (paths, objects, complex numbers...).
+    """
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if getattr(value, "shape", None) == () and hasattr(value, "item"):
+        if getattr(getattr(value, "dtype", None), "kind", None) == "f":
+            # numpy's str() is the shortest repr for the dtype: float32(0.05) -> 0.05, not 0.05000000074505806.
+            return float(str(value))
+        item = value.item()
+        if type(item) in (bool, int, float, str):
+            return item
+    elif hasattr(value, "tolist") and hasattr(value, "ndim"):
+        return to_builtin(value.tolist(), name)
+    if isinstance(value, (list, tuple)):
+        return [to_builtin(v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        bad_keys = [k for k in value if not isinstance(k, str)]
+        if bad_keys:
+            raise SweepError(f"parameter {name!r}: dict keys must be strings, got {bad_keys[0]!r}")
+        return {k: to_builtin(v, f"{name}[{k!r}]") for k, v in value.items()}
+    raise SweepError(
+        f"parameter {name!r}: cannot pass {type(value).__name__} {value!r} to a notebook; "
+        "use None, str, bool, int, float, or lists/dicts of those"
+    )
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True)
+
+
+def _short_hash(point: Mapping[str, Any]) -> str:
+    return hashlib.sha1(_canonical(point).encode()).hexdigest()[:8]
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, separators=(",", ":"))
+    return repr(value)  # int, float (0.05, 1e-05), bool, None
+
+
+def _sanitize(text: str) -> str:
+    return _UNSAFE.sub("+", text).strip("+.")
+
+
+def run_id(point: Mapping[str, Any]) -> str:
+    """Readable, filesystem-safe name of one point: ``{"rho": 0.05, "method": "lore"}`` -> ``method-lore_rho-0.05``.
+
+    Keys are sorted, so the id does not depend on the order they were given in; base parameters are not part of it.
+    Long ids are cut and end in a hash of the point. :func:`run_ids` also makes ids unique within a sweep.
+    """
+    if not point:
+        return "base"
+    rid = "_".join(f"{_sanitize(k)}-{_sanitize(_format_value(to_builtin(point[k], k)))}" for k in sorted(point))
+    if len(rid) > MAX_RUN_ID_LENGTH:
+        rid = f"{rid[: MAX_RUN_ID_LENGTH - 9]}~{_short_hash(point)}"
+    return rid
+
+
+def run_ids(points: list[Mapping[str, Any]]) -> list[str]:
+    """:func:`run_id` of every point; points whose ids collide after sanitising get a hash suffix."""
+    ids = [run_id(p) for p in points]
+    # Compared case-blind: "x-A" and "x-a" are one directory on macOS and Windows.
+    folded = [rid.casefold() for rid in ids]
+    return [
+        f"{rid}~{_short_hash(to_builtin(p))}" if folded.count(rid.casefold()) > 1 else rid
+        for rid, p in zip(ids, points, strict=True)
+    ]
+
+
+# ----------------------------------------------------------------------------------------- notebook
+
+
+def _literal_or_text(source: str) -> Any:
+    try:
+        return ast.literal_eval(source)
+    except (ValueError, SyntaxError):
+        return source
+
+
+def notebook_parameters(notebook: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """The notebook's ``parameters`` cell as ``{name: {"default", "type", "help"}}``.
+
+    ``default`` is the Python value where the default is a literal, else its source text (e.g. ``"np.pi"``);
+    ``type`` is papermill's inferred type name (from an annotation, else None); ``help`` the trailing comment.
+    """
+    import papermill  # slow import (~1 s): only where a notebook is touched
+
+    path = Path(notebook)
+    if not path.is_file():
+        raise SweepError(f"notebook not found: {path}")
+    return {
+        name: {"default": _literal_or_text(p["default"]), "type": p["inferred_type_name"], "help": p["help"]}
+        for name, p in papermill.inspect_notebook(str(path)).items()
+    }
+
+
+def _validate(
+    notebook: Path, points: list[Mapping[str, Any]], base: Mapping[str, Any]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Check names against the parameters cell and cast values; returns (base, points) as builtins."""
+    if not isinstance(points, list) or not all(isinstance(p, Mapping) for p in points):
+        raise SweepError("points must be a list of dicts (see grid())")
+    if not points:
+        raise SweepError("the sweep has no points")
+    known = notebook_parameters(notebook)
+    given = set(base).union(*points)
+    unknown = sorted(given - set(known), key=str)
+    if unknown:
+        listed = ", ".join(known) if known else "none: the notebook has no cell tagged 'parameters'"
+        raise SweepError(
+            f"unknown parameter(s) for {notebook.name}: {', '.join(map(str, unknown))}; "
+            f"the notebook's parameters are: {listed}"
+        )
+    base_c = {k: to_builtin(v, k) for k, v in base.items()}
+    points_c = [{k: to_builtin(v, k) for k, v in p.items()} for p in points]
+    seen: dict[str, int] = {}
+    for i, p in enumerate(points_c):
+        j = seen.setdefault(_canonical(p), i)
+        if j != i:
+            raise SweepError(f"points {j} and {i} are identical: {p}")
+    return base_c, points_c
+
+
+def strip_widget_state(nb: Any) -> bool:
+    """Remove saved widget state (``metadata.widgets`` and widget-state outputs) from a notebook node in place.
+
+    Widget views (tiny references to a model) stay. Returns whether anything was removed.
+    """
+    changed = nb.metadata.pop("widgets", None) is not None
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            if output.get("data", {}).pop(WIDGET_STATE_MIME, None) is not None:
+                changed = True
+    return changed
+
+
+# ------------------------------------------------------------------------------------------ workers
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Atomic write: readers (and a re-run after a kill) never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    # A SIGKILLed sweep must not leave workers running points that would race a re-run. The kernel in turn
+    # exits with its worker (ipykernel polls its parent, JPY_PARENT_PID).
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _init_worker(parent_pid: int) -> None:
+    # Kernel "python3" must be this interpreter's ipykernel, not a same-named kernelspec found first elsewhere
+    # (JUPYTER_PATH entries, or the user's directory outside a virtualenv): JUPYTER_PATH is searched first.
+    own = str(Path(sys.prefix) / "share" / "jupyter")
+    os.environ["JUPYTER_PATH"] = os.pathsep.join(p for p in (own, os.environ.get("JUPYTER_PATH")) if p)
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+
+
+def _run_point(
+    notebook: str, run_dir: str, rid: str, params: dict[str, Any], kernel_name: str | None, timeout: float | None
+) -> dict[str, Any]:
+    """Execute one point in its own directory (runs in a worker process); writes and returns its result.json."""
+    import nbformat
+    import papermill
+
+    run_path = Path(run_dir)
+    # Outputs of a failed or killed attempt must not leak into this one.
+    shutil.rmtree(run_path, ignore_errors=True)
+    run_path.mkdir(parents=True)
+    output = run_path / Path(notebook).name
+    stderr_log = run_path / "stderr.log"
+    started_at, t0 = _now(), time.perf_counter()
+    error = trace = None
+    # The kernel inherits fd 2: its start-up warning (one per point) would garble the progress bar, and a dying
+    # kernel's last words belong with the point. Kept in stderr.log, removed when empty.
+    saved_stderr = os.dup(2)
+    with open(stderr_log, "w") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            papermill.execute_notebook(
+                notebook,
+                str(output),
+                parameters=params,
+                cwd=run_dir,
+                kernel_name=kernel_name,
+                execution_timeout=timeout,
+                progress_bar=False,
+                store_widget_state=False,  # nbclient option: do not collect widget state in the first place
+            )
+        except papermill.PapermillExecutionError as exc:
+            error, trace = f"{exc.ename}: {exc.evalue}", _ANSI.sub("", str(exc)).strip()
+        except Exception as exc:  # kernel death, cell timeout, unreadable notebook: recorded, never fatal to the sweep
+            error, trace = f"{type(exc).__name__}: {exc}", traceback.format_exc()
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved_stderr, 2)
+            os.close(saved_stderr)
+    wall = time.perf_counter() - t0
+    if stderr_log.stat().st_size == 0:
+        stderr_log.unlink()
+
+    if output.exists():
+        nb = nbformat.read(output, as_version=4)
+        if strip_widget_state(nb):
+            nbformat.write(nb, output)
+    nb_results = None
+    results_path = run_path / NOTEBOOK_RESULTS_FILE
+    if results_path.exists():
+        try:
+            nb_results = json.loads(results_path.read_text())
+        except ValueError as exc:
+            error = error or f"{NOTEBOOK_RESULTS_FILE} written by the notebook is not valid JSON: {exc}"
+    result = {
+        "run_id": rid,
+        "status": "ok" if error is None else "failed",
+        "parameters": params,
+        "notebook": output.name,
+        "started_at": started_at,
+        "wall_time_s": round(wall, 3),
+        "error": error,
+        "traceback": trace,
+        "results": nb_results,
+    }
+    _write_json(run_path / RESULT_FILE, result)
+    return result
+
+
+# -------------------------------------------------------------------------------------------- sweep
+
+
+def _index_entry(rid: str, point: dict[str, Any], result: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "run_id": rid,
+        "params": point,
+        "status": result["status"] if result else "pending",
+        "wall_time_s": result["wall_time_s"] if result else None,
+        "error": result["error"] if result else None,
+    }
+
+
+def _outcome(future: Future[dict[str, Any]], rid: str, params: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """The point's result; if the worker failed outside the notebook (e.g. its process died), a failed result
+    written in its place."""
+    try:
+        return future.result()
+    except Exception as exc:
+        result = {
+            "run_id": rid,
+            "status": "failed",
+            "parameters": params,
+            "notebook": None,
+            "started_at": None,
+            "wall_time_s": None,
+            "error": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc(),
+            "results": None,
+        }
+        run_dir.mkdir(exist_ok=True)
+        _write_json(run_dir / RESULT_FILE, result)
+        return result
+
+
+def run_sweep(
+    notebook: str | os.PathLike[str],
+    sweep_name: str,
+    points: list[Mapping[str, Any]],
+    *,
+    base: Mapping[str, Any] | None = None,
+    workers: int = 1,
+    out_root: str | os.PathLike[str] = "papermill_runs",
+    kernel_name: str | None = None,
+    timeout: float | None = None,
+    progress: bool = True,
+) -> SweepResult:
+    """Run ``notebook`` once per point with parameters ``{**base, **point}`` in ``workers`` processes.
+
+    Everything is validated before anything is written: unknown parameter names, values that papermill would
+    inject as strings, identical points, an existing sweep of the same name made from a different notebook.
+    Points already done (``result.json`` ok, identical parameters) are skipped; a point that fails is recorded
+    and does not stop the others. ``kernel_name`` defaults to the notebook's kernelspec (``python3`` is resolved to
+    this interpreter's ipykernel); ``timeout`` is papermill's per-cell execution timeout in seconds.
+    Output directory: ``<out_root>/<sweep_name>/`` (``out_root`` relative to the current directory).
+    """
+    from filelock import FileLock, Timeout
+    from tqdm.auto import tqdm
+
+    if not isinstance(sweep_name, str) or not _SWEEP_NAME.fullmatch(sweep_name):
+        raise SweepError(f"sweep name {sweep_name!r} must be a plain directory name (letters, digits, . _ + = , -)")
+    if not isinstance(workers, int) or workers < 1:
+        raise SweepError(f"workers must be a positive integer, got {workers!r}")
+    nb_path = Path(notebook).resolve()
+    base_c, points_c = _validate(nb_path, points, base or {})
+    ids = run_ids(points_c)
+    sweep_dir = Path(out_root).resolve() / sweep_name
+    index_path = sweep_dir / INDEX_FILE
+    previous = _read_json(index_path)
+    if previous and previous.get("notebook") != str(nb_path):
+        raise SweepError(
+            f"sweep {sweep_name!r} in {sweep_dir} was made from {previous.get('notebook')}, not {nb_path}; "
+            "choose another sweep name or delete that directory"
+        )
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(sweep_dir / ".lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise SweepError(f"sweep {sweep_name!r} is being run by another process ({sweep_dir})") from None
+    try:
+        results: dict[str, dict[str, Any]] = {}
+        todo = []
+        for rid, point in zip(ids, points_c, strict=True):
+            params = {**base_c, **point}
+            done = _read_json(sweep_dir / rid / RESULT_FILE)
+            if done and done.get("status") == "ok" and _canonical(done.get("parameters")) == _canonical(params):
+                results[rid] = done
+            else:
+                todo.append((rid, params))
+        index = {
+            "sweep": sweep_name,
+            "notebook": str(nb_path),
+            "base": base_c,
+            "created_at": previous.get("created_at", _now()) if previous else _now(),
+            "updated_at": _now(),
+            "points": [_index_entry(rid, p, results.get(rid)) for rid, p in zip(ids, points_c, strict=True)],
+        }
+        _write_json(index_path, index)
+        if todo:
+            position = {rid: i for i, rid in enumerate(ids)}
+            counts = {"ok": len(results), "failed": 0}
+            bar = tqdm(total=len(ids), initial=len(results), desc=sweep_name, unit="point", disable=not progress)
+            bar.set_postfix(counts)
+            pool = ProcessPoolExecutor(
+                max_workers=min(workers, len(todo)),
+                # spawn: papermill's cwd is a process-wide chdir, and forking a process with threads is unsafe.
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(os.getpid(),),
+            )
+            with pool, bar:
+                futures = {
+                    pool.submit(_run_point, str(nb_path), str(sweep_dir / rid), rid, p, kernel_name, timeout): (rid, p)
+                    for rid, p in todo
+                }
+                try:
+                    for future in as_completed(futures):
+                        rid, params = futures[future]
+                        result = results[rid] = _outcome(future, rid, params, sweep_dir / rid)
+                        index["points"][position[rid]] = _index_entry(rid, points_c[position[rid]], result)
+                        index["updated_at"] = _now()
+                        _write_json(index_path, index)
+                        counts[result["status"]] += 1
+                        bar.set_postfix(counts)
+                        bar.update()
+                except BaseException:
+                    # Ctrl-C: do not start the queued points (leaving the pool would otherwise wait for all of them).
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
+        return SweepResult(sweep_dir, index, {rid: results[rid] for rid in ids if rid in results})
+    finally:
+        lock.release()
+
+
+def load_sweep(sweep_dir: str | os.PathLike[str]) -> SweepResult:
+    """Read a (finished or partial) sweep back: its index and the result.json of every point that has one."""
+    sweep_path = Path(sweep_dir)
+    index = _read_json(sweep_path / INDEX_FILE)
+    if index is None:
+        raise SweepError(f"no sweep index at {sweep_path / INDEX_FILE}")
+    results = {}
+    for entry in index["points"]:
+        result = _read_json(sweep_path / entry["run_id"] / RESULT_FILE)
+        if result is not None:
+            results[entry["run_id"]] = result
+    return SweepResult(sweep_path, index, results)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def _parse_value(text: str) -> Any:
+    """A Python literal (``0.1``, ``True``, ``[1, 2]``, ``None``), else the text itself as a string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas that are outside brackets and quotes: ``"[1,2],'a,b',c"`` -> ``["[1,2]", "'a,b'", "c"]``."""
+    parts, depth, quote, start = [], 0, None, 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p.strip() for p in parts]
+
+
+def _split_assignment(text: str, option: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip().isidentifier():
+        raise SweepError(f"{option} expects NAME=VALUE, got {text!r}")
+    return key.strip(), value
+
+
+def _spec_from_args(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(points, base) from the parsed command line."""
+    lists: dict[str, list[Any]] = {}
+    for item in args.grid:
+        key, text = _split_assignment(item, "--grid")
+        parts = _split_top_level(text)
+        if key in lists or not all(parts):
+            raise SweepError(f"--grid {item!r}: give each name once, with non-empty comma-separated values")
+        lists[key] = [_parse_value(p) for p in parts]
+    base: dict[str, Any] = {}
+    for item in args.fixed:
+        key, text = _split_assignment(item, "--set")
+        if key in base or key in lists:
+            raise SweepError(f"--set {item!r}: {key} is already given")
+        base[key] = _parse_value(text)
+    points = grid(**lists) if lists else []
+    if args.points is not None:
+        extra = _read_json(args.points)
+        if not isinstance(extra, list):
+            raise SweepError(f"--points {args.points}: not a readable JSON list of objects")
+        points += extra
+    return points or [{}], base
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``sweep`` subcommand's arguments to ``parser``."""
+    parser.add_argument("notebook", type=Path, help="notebook with a cell tagged 'parameters'")
+    parser.add_argument("--name", required=True, help="sweep name; outputs go to OUT_ROOT/NAME/")
+    parser.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="NAME=V1,V2,...",
+        help="values to sweep (repeatable; the sweep is the product). Values are Python literals, else strings",
+    )
+    parser.add_argument(
+        "--set", dest="fixed", action="append", default=[], metavar="NAME=VALUE", help="fixed parameter (repeatable)"
+    )
+    parser.add_argument(
+        "--points", type=Path, help="JSON file with a list of points (objects), run in addition to the --grid product"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="points run in parallel (default 1)")
+    parser.add_argument("--out-root", default="papermill_runs", help="default: papermill_runs")
+    parser.add_argument("--kernel", dest="kernel_name", help="kernel name (default: the notebook's kernelspec)")
+    parser.add_argument("--timeout", type=float, help="per-cell execution timeout in seconds")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the sweep described by ``args`` and print one line per point.
+
+    Returns the exit code: 0 all points ok, 1 some failed, 2 the request was invalid (nothing run).
+    """
+    try:
+        points, base = _spec_from_args(args)
+        res = run_sweep(
+            args.notebook,
+            args.name,
+            points,
+            base=base,
+            workers=args.workers,
+            out_root=args.out_root,
+            kernel_name=args.kernel_name,
+            timeout=args.timeout,
+            progress=not args.no_progress,
+        )
+    except SweepError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for entry in res.index["points"]:
+        wall = "" if entry["wall_time_s"] is None else f"{entry['wall_time_s']:.1f}s"
+        print(f"{entry['status']:<7} {wall:>8}  {entry['run_id']}" + (f"  {entry['error']}" if entry["error"] else ""))
+    print(f"{len(res.ok)} ok, {len(res.failed)} failed: {res.sweep_dir / INDEX_FILE}")
+    return 1 if res.failed else 0

@@ -1,0 +1,71 @@
+"""The config validates itself; the CLI reports bad input clearly, before any work, writing nothing."""
+
+import subprocess
+import sys
+from dataclasses import fields
+
+import pytest
+
+from lorekit.config import ConfigError, TrainConfig, field_docs
+
+
+def test_every_field_has_a_docstring():
+    docs = field_docs()
+    assert {f.name for f in fields(TrainConfig)} == set(docs)
+    assert all(len(d) > 10 for d in docs.values())
+
+
+def test_papermill_style_strings_and_numpy_scalars_are_cast():
+    import numpy as np
+
+    cfg = TrainConfig(eps="4/255", rho=np.float32(0.2), steps=np.int64(3), resume="false").validate()
+    assert cfg.eps == pytest.approx(4 / 255) and type(cfg.rho) is float and cfg.rho == pytest.approx(0.2)
+    assert type(cfg.steps) is int and cfg.resume is False
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("rho", -0.1, "rho=-0.1: must be a non-negative"),
+    ("rho", "abc", "rho='abc': must be a finite number"),
+    ("eps", 0.0, "eps=0.0: must lie in \\(0, 1\\]"),
+    ("eps", 8.0, "eps=8.0: must lie in \\(0, 1\\]"),
+    ("primal_steps", 0, "primal_steps=0: K must be an integer >= 1"),
+    ("method", "fair", "method='fair': must be one of fare, fare-reg, lore, tecoa"),
+    ("batch_size", 0, "batch_size=0: must be an integer >= 1"),
+    ("steps", 2.5, "steps=2.5: must be an integer"),
+    ("dual", "deep", "dual='deep': must be one of mlp, linear, scalar"),
+])
+def test_bad_values_name_the_field(field, value, needle):
+    with pytest.raises(ConfigError, match=needle):
+        TrainConfig(**{field: value}).validate()
+
+
+def test_unknown_field_is_rejected():
+    with pytest.raises(ConfigError, match="unknown config field.*'rhoo'"):
+        TrainConfig.from_dict({"rhoo": 0.1})
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "lorekit", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_help_shows_field_docs(tmp_path):
+    out = _cli("train", "--help", cwd=tmp_path).stdout
+    assert "--rho" in out and "LORE constraint level" in out and "--primal-steps" in out
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--rho", "-1"], "rho=-1.0"),
+    (["--eps", "1.5"], "eps=1.5"),
+    (["--primal-steps", "0"], "primal_steps=0"),
+    (["--method", "nope"], "method='nope'"),
+    (["--batch-size", "0"], "batch_size=0"),
+    (["--model", "ViT-Nope"], "model='ViT-Nope'"),
+    (["--pretrained", "missing.pt"], "pretrained='missing.pt'"),
+    (["--dataset", "no_such_folder"], "dataset='no_such_folder'"),
+])
+def test_cli_errors_before_any_work_and_writes_nothing(tmp_path, args, needle):
+    res = _cli("train", "--run-dir", "out", *args, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert needle in res.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
