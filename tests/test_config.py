@@ -64,8 +64,10 @@ def test_cli_help_shows_field_docs(tmp_path):
     (["--pretrained", "missing.pt"], "pretrained='missing.pt'"),
     (["--dataset", "no_such_folder"], "dataset='no_such_folder'"),
 ])
-def test_cli_errors_before_any_work_and_writes_nothing(tmp_path, args, needle):
-    res = _cli("train", "--run-dir", "out", *args, cwd=tmp_path)
-    assert res.returncode == 2, res.stderr
-    assert needle in res.stderr
+def test_cli_errors_before_any_work_and_writes_nothing(tmp_path, monkeypatch, capsys, args, needle):
+    from lorekit.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--run-dir", "out", *args]) == 2
+    assert needle in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
