@@ -1,4 +1,4 @@
-"""Command line: python -m lorekit {train,eval,demo,sweep} ...  (see --help of each)."""
+"""Command line: python -m lorekit {train,eval,robust-eval,demo,sweep} ...  (see --help of each)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from . import sweep
+from . import robustness, sweep
 from .config import ConfigError, TrainConfig, add_config_arguments, config_from_args
 
 
@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="PGD iterations")
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
     p.set_defaults(func=_eval)
+
+    p = commands.add_parser("robust-eval", help="AutoAttack-style zero-shot robustness (APGD-CE + APGD-T)")
+    robustness.add_arguments(p)
+    p.set_defaults(func=robustness.run)
 
     p = commands.add_parser("demo", help="FARE vs LORE on the embedded default, with a table and a plot")
     p.add_argument("--out", default="runs/demo", help="output folder")

@@ -1,0 +1,130 @@
+"""Training-step cost: measured wall time per FARE / LORE step against the encoder passes it needs.
+
+The bound for one step is the time of the passes the method cannot avoid, each timed alone
+in this same run on the same batch:
+    reference forward (no grad, B images)
+  + attack_steps × forward+backward to the input (B images)
+  + updates × forward+backward to the parameters + optimiser step
+      (FARE: 1 update on B images; LORE: K updates on 2B images, adversarial + clean)
+The ratio step/bound is the overhead of everything else (attack bookkeeping, telemetry, the
+dual step, FARE's telemetry forward). Goal: ≤ 1.15.
+
+    python bench/bench_step.py                                   # embedded default, CPU
+    python bench/bench_step.py --model ViT-B-32 --batch-size 128 --precision bf16   # GPU box
+
+Writes bench/results/step_<model>_<device>_<precision>.json with the machine's description.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from lorekit.config import TrainConfig
+from lorekit.models import load_clip
+from lorekit.trainer import Trainer, resolve_device
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, device: torch.device, repeats: int) -> float:
+    """Median wall time of fn() over `repeats` calls after one warm-up call."""
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def machine(device: torch.device) -> dict:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": torch.get_num_threads(), "torch": torch.__version__, "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def bench(model: str, pretrained: str, batch_size: int, precision: str, repeats: int, attack_steps: int,
+          primal_steps: int) -> dict:
+    device = resolve_device("auto")
+    clip = load_clip(model, pretrained, device=device)
+    size = clip.encoder.image_size
+    data = torch.utils.data.TensorDataset(torch.rand(batch_size * 2, 3, *size), torch.zeros(batch_size * 2).long())
+    x = data.tensors[0][:batch_size].to(device)
+    y = data.tensors[1][:batch_size].to(device)
+    out = {"model": model, "batch_size": batch_size, "precision": precision, "attack_steps": attack_steps,
+           "primal_steps": primal_steps, "machine": machine(device), "methods": {}}
+    for method in ("fare", "lore"):
+        cfg = TrainConfig(method=method, model=model, pretrained=pretrained, batch_size=batch_size,
+                          attack_steps=attack_steps, primal_steps=primal_steps, precision=precision,
+                          steps=10_000, run_dir="/nonexistent")
+        trainer = Trainer(cfg, clip.encoder, data)
+        enc = trainer.encoder
+        params = [p for p in enc.parameters() if p.requires_grad]
+
+        def ref_forward():
+            with torch.no_grad(), trainer.autocast():
+                trainer.reference(x)
+
+        def input_fwd_bwd():
+            xi = x.clone().requires_grad_(True)
+            with trainer.autocast():
+                loss = enc(xi).float().pow(2).sum()
+            torch.autograd.grad(loss, xi)
+
+        batch = torch.cat([x, x]) if method == "lore" else x
+
+        def param_update():
+            with trainer.autocast():
+                loss = enc(batch).float().pow(2).sum() * 1e-12  # tiny: keep the weights where they are
+            trainer.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            trainer.optimizer.step()
+
+        updates = primal_steps if method == "lore" else 1
+        t_ref, t_in, t_up = (_time(f, device, repeats) for f in (ref_forward, input_fwd_bwd, param_update))
+        bound = t_ref + attack_steps * t_in + updates * t_up
+        step = _time(lambda: {k: v.item() for k, v in trainer.train_step(x, y).items()}, device, repeats)
+        out["methods"][method] = {"step_s": step, "bound_s": bound, "ratio": step / bound,
+                                  "images_per_s": batch_size / step, "ref_forward_s": t_ref,
+                                  "input_fwd_bwd_s": t_in, "param_update_s": t_up}
+        print(f"{method}: step {step * 1e3:.1f} ms, bound {bound * 1e3:.1f} ms, ratio {step / bound:.3f}, "
+              f"{batch_size / step:.1f} images/s")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="lorekit-tiny")
+    p.add_argument("--pretrained", default="", help="'' = random weights (speed does not depend on them)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--attack-steps", type=int, default=10)
+    p.add_argument("--primal-steps", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args()
+    res = bench(args.model, args.pretrained, args.batch_size, args.precision, args.repeats, args.attack_steps,
+                args.primal_steps)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"step_{args.model}_{res['machine']['device'].split(':')[0]}_{args.precision}.json"
+    (out / name).write_text(json.dumps(res, indent=2) + "\n")
+    print(f"written {out / name}")
+
+
+if __name__ == "__main__":
+    main()
