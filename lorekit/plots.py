@@ -42,8 +42,8 @@ gd.on('plotly_hover', function (ev) {
   var p = ev.points[0], uri = p.customdata && uris[p.customdata[0]];
   if (!uri) { return; }
   tip.src = uri;
-  tip.style.left = (ev.event.clientX + 14) + 'px';
-  tip.style.top = (ev.event.clientY + 14) + 'px';
+  tip.style.left = (ev.event.clientX - 90) + 'px';  // left of the cursor: plotly's label sits at its right
+  tip.style.top = (ev.event.clientY - 36) + 'px';
   tip.style.display = 'block';
 });
 gd.on('plotly_unhover', function () { tip.style.display = 'none'; });
