@@ -284,7 +284,7 @@ class Trainer:
         cfg, run = self.cfg, self.cfg.run_path
         if cfg.resume:
             self.load_checkpoint(run)
-            _truncate_metrics(run / "metrics.jsonl", self.step)
+            _truncate_metrics(run / "metrics.jsonl", self.step, cfg.steps)
         else:
             run.mkdir(parents=True, exist_ok=True)
             atomic_write_json(run / "config.json", cfg.to_dict())
@@ -326,11 +326,15 @@ class Trainer:
         return summary
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records past the checkpoint: the resumed run writes those steps again."""
+def _truncate_metrics(path: Path, step: int, final_step: int) -> None:
+    """Drop records past the checkpoint, and the final evaluation: the resumed run writes those again."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+
+    def keep_record(r: Record) -> bool:
+        return r["step"] < step or (r["step"] == step and not (r["kind"] == "eval" and step == final_step))
+
+    keep = [line for line in path.read_text().splitlines() if line and keep_record(json.loads(line))]
     atomic_write_bytes(path, lambda p: p.write_text("".join(line + "\n" for line in keep)))
 
 
