@@ -1,11 +1,14 @@
 # Two entry points (see README): `make demo` and `make test`. Both create .venv on first use.
+# `make sweep` runs notebook 3's ρ sweep at the demo's recipe (notebooks/params/rho_front.yaml).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export LOREKIT_CACHE ?= $(CURDIR)/.cache
+# The venv's kernelspec, not a same-named one elsewhere, runs the notebooks.
+export JUPYTER_PATH := $(CURDIR)/$(VENV)/share/jupyter
 
-.PHONY: setup demo test
+.PHONY: setup demo test sweep
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,3 +23,7 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+sweep: setup
+	$(BIN)/papermill notebooks/03_rho_sweep.ipynb $(CURDIR)/papermill_runs/rho_front.ipynb --cwd notebooks \
+		-f notebooks/params/rho_front.yaml

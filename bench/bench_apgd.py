@@ -49,6 +49,20 @@ def run_variant(variant: str, clf: torch.nn.Module, x: torch.Tensor, y: torch.Te
     return acc, time.perf_counter() - start, time.process_time() - cpu
 
 
+def _write(args: argparse.Namespace, rows: list[dict]) -> dict:
+    totals = {kind: {v: sum(r[f"median_{kind}"][v] for r in rows) for v in args.variants} for kind in ("wall", "cpu")}
+    out = {"samples": args.samples, "n_iter": args.n_iter, "n_target_classes": 9, "apgd_ce_restarts": 1,
+           "batch_size": args.batch_size, "threads": args.threads, "repeats": args.repeats,
+           "robust_encoder": FARE.to_dict(), "machine": {**machine(), "device": "cpu"}, "rows": rows,
+           "total_seconds": totals}
+    if {"lorekit", "pyautoattack"} <= set(args.variants):
+        out["total_ratio_lorekit_over_pyautoattack"] = {
+            kind: totals[kind]["lorekit"] / totals[kind]["pyautoattack"] for kind in ("wall", "cpu")}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=200)
@@ -84,20 +98,13 @@ def main(argv: list[str] | None = None) -> int:
                 for v in args.variants) + "".join(
                 f"  ratio({kind}) {row[f'median_{kind}']['lorekit'] / row[f'median_{kind}']['pyautoattack']:.2f}"
                 for kind in ("wall", "cpu") if {"lorekit", "pyautoattack"} <= set(args.variants)), flush=True)
-    totals = {kind: {v: sum(r[f"median_{kind}"][v] for r in rows) for v in args.variants} for kind in ("wall", "cpu")}
-    out = {"samples": args.samples, "n_iter": args.n_iter, "n_target_classes": 9, "apgd_ce_restarts": 1,
-           "batch_size": args.batch_size, "threads": args.threads, "repeats": args.repeats,
-           "robust_encoder": FARE.to_dict(), "machine": {**machine(), "device": "cpu"}, "rows": rows,
-           "total_seconds": totals}
-    if {"lorekit", "pyautoattack"} <= set(args.variants):
-        out["total_ratio_lorekit_over_pyautoattack"] = {
-            kind: totals[kind]["lorekit"] / totals[kind]["pyautoattack"] for kind in ("wall", "cpu")}
-        print("total: " + ", ".join(f"{kind}: lorekit {totals[kind]['lorekit']:.1f}s, pyautoattack "
-                                    f"{totals[kind]['pyautoattack']:.1f}s, ratio "
+            _write(args, rows)  # after every row: a long run that is interrupted keeps its numbers
+    out = _write(args, rows)
+    if "total_ratio_lorekit_over_pyautoattack" in out:
+        print("total: " + ", ".join(f"{kind}: lorekit {out['total_seconds'][kind]['lorekit']:.1f}s, pyautoattack "
+                                    f"{out['total_seconds'][kind]['pyautoattack']:.1f}s, ratio "
                                     f"{out['total_ratio_lorekit_over_pyautoattack'][kind]:.2f}"
                                     for kind in ("wall", "cpu")))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"written to {args.out}")
     return 0
 

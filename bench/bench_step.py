@@ -1,7 +1,7 @@
 """Training-step cost: measured wall time per FARE / LORE step against the encoder passes it needs.
 
-The bound for one step is the time of the passes the method cannot avoid, each timed alone
-in this same run on the same batch:
+The bound for one step is the time of the passes the method cannot avoid, each timed alone on
+the same batch, in round-robin with the steps themselves (so a ratio is measured side by side):
     reference forward (no grad, B images)
   + attack_steps × forward+backward to the input (B images)
   + updates × forward+backward to the parameters + optimiser step
@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from lorekit.config import TrainConfig
 from lorekit.models import load_clip
+from lorekit.robustness import machine
 from lorekit.trainer import Trainer, resolve_device
 
 
@@ -36,29 +37,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _time(fn, device: torch.device, repeats: int) -> float:
-    """Median wall time of fn() over `repeats` calls after one warm-up call."""
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def machine(device: torch.device) -> dict:
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": torch.get_num_threads(), "torch": torch.__version__, "device": str(device)}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
+def _interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int,
+                 warmup: int) -> dict[str, float]:
+    """Median wall time of each fn, timed in round-robin (`warmup` untimed rounds first), so that every
+    measurement of a ratio shares the machine's state: clock, caches, other load."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(warmup + repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench(model: str, pretrained: str, batch_size: int, precision: str, repeats: int, attack_steps: int,
-          primal_steps: int) -> dict:
+          primal_steps: int, warmup: int = 2) -> dict:
     device = resolve_device("auto")
     clip = load_clip(model, pretrained, device=device)
     size = clip.encoder.image_size
@@ -66,41 +62,49 @@ def bench(model: str, pretrained: str, batch_size: int, precision: str, repeats:
     x = data.tensors[0][:batch_size].to(device)
     y = data.tensors[1][:batch_size].to(device)
     out = {"model": model, "batch_size": batch_size, "precision": precision, "attack_steps": attack_steps,
-           "primal_steps": primal_steps, "machine": machine(device), "methods": {}}
-    for method in ("fare", "lore"):
-        cfg = TrainConfig(method=method, model=model, pretrained=pretrained, batch_size=batch_size,
-                          attack_steps=attack_steps, primal_steps=primal_steps, precision=precision,
-                          steps=10_000, run_dir="/nonexistent")
-        trainer = Trainer(cfg, clip.encoder, data)
-        enc = trainer.encoder
-        params = [p for p in enc.parameters() if p.requires_grad]
+           "primal_steps": primal_steps, "repeats": repeats, "machine": {**machine(), "device": str(device)},
+           "methods": {}}
+    trainers = {method: Trainer(TrainConfig(method=method, model=model, pretrained=pretrained, batch_size=batch_size,
+                                            attack_steps=attack_steps, primal_steps=primal_steps,
+                                            precision=precision, steps=10_000, run_dir="/nonexistent"),
+                                clip.encoder, data)
+                for method in ("fare", "lore")}
+    trainer = trainers["fare"]  # the passes below are the same for both: one encoder, one autocast setting
+    enc = trainer.encoder
 
-        def ref_forward():
-            with torch.no_grad(), trainer.autocast():
-                trainer.reference(x)
+    def ref_forward():
+        with torch.no_grad(), trainer.autocast():
+            trainer.reference(x)
 
-        def input_fwd_bwd():
-            xi = x.clone().requires_grad_(True)
-            with trainer.autocast():
-                loss = enc(xi).float().pow(2).sum()
-            torch.autograd.grad(loss, xi)
+    def input_fwd_bwd():  # one PGD iteration: a gradient to the input only, in eval mode as the attack runs
+        enc.eval()
+        xi = x.clone().requires_grad_(True)
+        with trainer.autocast():
+            loss = enc(xi).float().pow(2).sum()
+        torch.autograd.grad(loss, xi)
+        enc.train()
 
-        batch = torch.cat([x, x]) if method == "lore" else x
-
-        def param_update():
+    def update(batch: torch.Tensor):
+        def step():
             with trainer.autocast():
                 loss = enc(batch).float().pow(2).sum() * 1e-12  # tiny: keep the weights where they are
             trainer.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             trainer.optimizer.step()
+        return step
 
-        updates = primal_steps if method == "lore" else 1
-        t_ref, t_in, t_up = (_time(f, device, repeats) for f in (ref_forward, input_fwd_bwd, param_update))
-        bound = t_ref + attack_steps * t_in + updates * t_up
-        step = _time(lambda: {k: v.item() for k, v in trainer.train_step(x, y).items()}, device, repeats)
+    def train_step(method: str):
+        return lambda: {k: v.item() for k, v in trainers[method].train_step(x, y).items()}
+
+    t = _interleaved({"ref_forward": ref_forward, "input_fwd_bwd": input_fwd_bwd, "update_B": update(x),
+                      "update_2B": update(torch.cat([x, x])), "fare": train_step("fare"),
+                      "lore": train_step("lore")}, device, repeats, warmup)
+    for method, updates, update_key in (("fare", 1, "update_B"), ("lore", primal_steps, "update_2B")):
+        bound = t["ref_forward"] + attack_steps * t["input_fwd_bwd"] + updates * t[update_key]
+        step = t[method]
         out["methods"][method] = {"step_s": step, "bound_s": bound, "ratio": step / bound,
-                                  "images_per_s": batch_size / step, "ref_forward_s": t_ref,
-                                  "input_fwd_bwd_s": t_in, "param_update_s": t_up}
+                                  "images_per_s": batch_size / step, "ref_forward_s": t["ref_forward"],
+                                  "input_fwd_bwd_s": t["input_fwd_bwd"], "param_update_s": t[update_key]}
         print(f"{method}: step {step * 1e3:.1f} ms, bound {bound * 1e3:.1f} ms, ratio {step / bound:.3f}, "
               f"{batch_size / step:.1f} images/s")
     return out
@@ -114,7 +118,7 @@ def main() -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--attack-steps", type=int, default=10)
     p.add_argument("--primal-steps", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
     res = bench(args.model, args.pretrained, args.batch_size, args.precision, args.repeats, args.attack_steps,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -36,11 +37,12 @@ FARE = TrainConfig(method="fare", eps=4 / 255, steps=150, batch_size=64, lr=1e-4
 
 
 def robust_encoder_run(cfg: TrainConfig = FARE) -> Path:
-    """Train FARE with lorekit.trainer, or reuse the finished run in cfg.run_dir."""
-    from lorekit.trainer import train
+    """Train FARE with lorekit.trainer, or reuse the finished run in cfg.run_dir if it is current."""
+    from lorekit.trainer import finished_and_current, train
 
     run = cfg.run_path
-    if not (run / "summary.json").exists():
+    if not finished_and_current(cfg):
+        shutil.rmtree(run, ignore_errors=True)
         train(cfg.validate())
     return run
 
@@ -93,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     models, x, y = classifiers(args.cache_dir, args.samples)
     rows = []
-    print(f"{'encoder':9s} {'eps':>6s} {'clean':>6s} {'lorekit':>8s} {'pyAA':>6s} {'agree':>6s} {'t_lk':>7s} {'t_pyAA':>7s}")
+    print(f"{'encoder':9s} {'eps':>6s} {'clean':>6s} {'lorekit':>8s} {'pyAA':>6s} {'agree':>6s} {'t_lk':>7s} "
+          f"{'t_pyAA':>7s}")
     for name, clf in models.items():
         for eps in args.eps:
             ours, t_ours = timed(autoattack_custom, clf, x, y, eps / 255, n_iter=args.n_iter, n_target_classes=9,

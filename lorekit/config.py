@@ -170,11 +170,11 @@ class TrainConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             setattr(self, f.name, _coerce(f.name, value, hints[f.name]))
-        _choice("method", self.method, METHODS)
-        _choice("dual", self.dual, DUAL_KINDS)
-        _choice("norm", self.norm, NORMS)
-        _choice("device", self.device, DEVICES)
-        _choice("precision", self.precision, PRECISIONS)
+        check_choice("method", self.method, METHODS)
+        check_choice("dual", self.dual, DUAL_KINDS)
+        check_choice("norm", self.norm, NORMS)
+        check_choice("device", self.device, DEVICES)
+        check_choice("precision", self.precision, PRECISIONS)
         if not 0 < self.eps <= 1:
             raise ConfigError(f"eps={self.eps!r}: must lie in (0, 1] (pixel units, e.g. 4/255={4/255:.5f})")
         if self.rho < 0:
@@ -230,7 +230,8 @@ def config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return sorted(k for k in keys if a.get(k) != b.get(k))
 
 
-def _choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    """Raise ConfigError naming the field and the valid values unless `value` is one of them."""
     if value not in valid:
         raise ConfigError(f"{name}={value!r}: must be one of {', '.join(valid)}")
 

@@ -10,6 +10,7 @@ interrupted ones.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +21,7 @@ from .config import TrainConfig
 from .data import digits
 from .evaluate import evaluate_encoder
 from .models import frozen_copy, load_clip
-from .trainer import atomic_write_json, build, resolve_device
+from .trainer import atomic_write_json, build, finished_and_current, resolve_device
 
 EVAL_EPS = (2 / 255, 4 / 255, 8 / 255)
 EVAL_PGD_STEPS = 20
@@ -31,9 +32,12 @@ DEMO = TrainConfig(eps=4 / 255, steps=150, batch_size=64, lr=1e-4, rho=0.1, prim
 
 def _train_or_reuse(cfg: TrainConfig) -> None:
     run = cfg.run_path
-    if (run / "summary.json").exists() and json.loads((run / "config.json").read_text()) == cfg.to_dict():
+    if finished_and_current(cfg):
         print(f"demo: reusing finished run {run}")
         return
+    if (run / "summary.json").exists():
+        print(f"demo: {run} is finished but from another config or other base weights; training it again")
+        shutil.rmtree(run)
     resume = (run / "checkpoint.pt").exists()
     trainer, _ = build(replace(cfg, resume=resume))
     trainer.fit()

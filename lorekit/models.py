@@ -118,6 +118,23 @@ def check_pretrained(name: str, pretrained: str) -> None:
                           f"{', '.join(valid) or 'none'}), and no such checkpoint file exists")
 
 
+def weights_id(name: str, pretrained: str = "", cache_dir: str | Path | None = None) -> str:
+    """A short identity of the weights `load_clip(name, pretrained)` would load, without loading them.
+
+    Runs record it, so a finished run is not reused (nor a checkpoint resumed) once the name resolves to
+    other weights: the embedded model re-pretrained with new settings, a checkpoint file replaced.
+    """
+    resolved = resolve_model_name(name, pretrained)
+    if resolved == TINY_MODEL and pretrained == TINY_TAG:
+        from .pretrain import tiny_checkpoint_path
+
+        return f"{resolved}@{tiny_checkpoint_path(cache_dir).name}"  # pretraining is deterministic
+    if pretrained and _looks_like_path(pretrained) and Path(pretrained).is_file():
+        stat = Path(pretrained).stat()
+        return f"{resolved}@{Path(pretrained).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    return f"{resolved}@{pretrained or 'random-init'}"
+
+
 def load_clip(name: str, pretrained: str = "", *, image_encoder: str | Path | None = None,
               cache_dir: str | Path | None = None, device: torch.device | str = "cpu") -> LoadedCLIP:
     """Load an open_clip model by name + pretrained tag, 'hf-hub:org/name', or a local checkpoint.

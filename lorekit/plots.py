@@ -11,6 +11,7 @@ nbconvert HTML (an HTML div that loads plotly.js from the CDN), and keeps notebo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -421,3 +422,38 @@ def umap_grid(coords: Mapping[str, Mapping[str, np.ndarray]], labels: Sequence[i
 def show(fig: go.Figure, *, hover_images: bool = False) -> None:
     """Display with the notebook renderer; `hover_images` adds HOVER_IMAGE_JS to the HTML part."""
     fig.show(post_script=HOVER_IMAGE_JS if hover_images else None)
+
+
+FIGURE_FORMATS = ("html", "png", "svg", "pdf")
+
+
+def check_formats(formats: Sequence[str]) -> None:
+    """Raise ValueError naming the first format `save` cannot write (call it before long work)."""
+    for fmt in formats:
+        if fmt not in FIGURE_FORMATS:
+            raise ValueError(f"cannot save a figure as {fmt!r}: valid formats are {', '.join(FIGURE_FORMATS)}")
+
+
+def save(fig: go.Figure, path: str | Path) -> Path:
+    """Write `fig` to `path`, the format taken from its suffix.
+
+    ``.html`` inlines plotly.js, so the file opens offline; ``.png``/``.svg``/``.pdf`` go through
+    kaleido, which drives a Chromium installed on the machine (Debian: ``apt install chromium``).
+    The file is written whole or not at all.
+    """
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower()
+    if fmt not in FIGURE_FORMATS:
+        raise ValueError(f"cannot save a figure as {path.name!r}: the suffix must be one of "
+                         + ", ".join(f".{f}" for f in FIGURE_FORMATS))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        if fmt == "html":
+            fig.write_html(tmp, include_plotlyjs=True, full_html=True)
+        else:
+            fig.write_image(tmp, format=fmt, scale=2)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

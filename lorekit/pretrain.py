@@ -80,12 +80,16 @@ def pretrain_tiny(settings: dict = SETTINGS, progress: bool = True) -> dict[str,
     return model.eval().state_dict()
 
 
+def tiny_checkpoint_path(cache_dir: str | Path | None = None) -> Path:
+    """Where the pretrained lorekit-tiny checkpoint is cached; its name carries a hash of SETTINGS."""
+    digest = hashlib.sha256(json.dumps(SETTINGS, sort_keys=True).encode()).hexdigest()[:10]
+    return Path(cache_dir or default_cache_dir()).expanduser() / f"lorekit-tiny-digits-{digest}.pt"
+
+
 def pretrained_tiny_checkpoint(cache_dir: str | Path | None = None) -> Path:
     """Path of the cached pretrained lorekit-tiny checkpoint, pretraining it on first use."""
-    cache = Path(cache_dir or default_cache_dir()).expanduser()
-    cache.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256(json.dumps(SETTINGS, sort_keys=True).encode()).hexdigest()[:10]
-    path = cache / f"lorekit-tiny-digits-{digest}.pt"
+    path = tiny_checkpoint_path(cache_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if not path.exists():
             print(f"lorekit: pretraining the embedded lorekit-tiny CLIP on digits (once); caching to {path}")

@@ -42,9 +42,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .apgd import apgd, autoattack_custom, frozen_parameters
+from .apgd import apgd, autoattack_custom, custom_attacks, frozen_parameters
 from .attacks import ce_attack_loss, pgd
-from .config import NORMS, ConfigError, default_cache_dir, field_docs
+from .config import DEVICES, NORMS, ConfigError, check_choice, default_cache_dir, field_docs
 from .data import TORCHVISION_SETS
 
 SANITY_CHECKS = ("monotone", "tiny_eps", "noise", "pgd", "zero_gradient")
@@ -107,8 +107,7 @@ class RobustEvalConfig:
                               "the CLI's --eps is in units of 1/255)")
         if len(set(self.eps)) != len(self.eps):
             raise ConfigError(f"eps={list(self.eps)}: values repeat")
-        if self.norm not in NORMS:
-            raise ConfigError(f"norm={self.norm!r}: must be one of {', '.join(NORMS)}")
+        check_choice("norm", self.norm, NORMS)
         for name in ("n_samples", "n_iter", "n_target_classes", "n_restarts", "batch_size", "chunk_size",
                      "sanity_samples", "sanity_iter"):
             value = getattr(self, name)
@@ -119,8 +118,7 @@ class RobustEvalConfig:
         if self.dataset not in ("digits", *TORCHVISION_SETS) and not Path(self.dataset).is_dir():
             raise ConfigError(f"dataset={self.dataset!r}: not a known data set name "
                               f"({', '.join(['digits', *TORCHVISION_SETS])}) and not an image folder")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"device={self.device!r}: must be one of auto, cpu, cuda")
+        check_choice("device", self.device, DEVICES)
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device='cuda': no CUDA device is visible; use 'auto' or 'cpu'")
         return self
@@ -154,10 +152,20 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict[str, Any]:
     """Where the numbers were measured."""
-    return {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"platform": platform.platform(), "cpu": _cpu_model(), "python": sys.version.split()[0],
+            "torch": torch.__version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
@@ -330,9 +338,12 @@ def evaluate_robustness(classifier: nn.Module, images: torch.Tensor, labels: tor
     for name, c in sanity.items():
         if not c["passed"]:
             print(f"lorekit robust-eval: sanity check '{name}' FAILED: {c['detail']}", file=sys.stderr)
+    with torch.inference_mode():
+        attacks = list(custom_attacks(classifier(images[:1]).shape[1]))
     summary = {"clean_acc": clean_acc, "robust_acc": {_eps_tag(e): a for e, a in robust_acc.items()},
-               "eps": eps_list, "n_samples": n, "attacks": "apgd-ce+apgd-t (AutoAttack custom)",
-               "sanity_passed": passed, "sanity": sanity, "settings": settings, "out_dir": str(out), "machine": machine(),
+               "eps": eps_list, "n_samples": n, "attacks": attacks,
+               "sanity_passed": passed, "sanity": sanity, "settings": settings, "out_dir": str(out),
+               "machine": machine(),
                "seconds": {"total_this_session": time.perf_counter() - start, **timings}}
     _atomic_write(out / "results.json", json.dumps(summary, indent=2))
     return summary

@@ -15,13 +15,16 @@ Running a sweep again skips points whose ``result.json`` says ok for identical p
 
 Python::
 
-    points = grid(method=["lore"], rho=[0.01, 0.05]) + grid(method=["fare_reg"], lam=[0.1, 1.0]) + [{"method": "fare"}]
-    res = run_sweep("notebooks/finetune.ipynb", "rho-lam", points, base={"steps": 20}, workers=2)
+    points = grid(method=["lore"], rho=[0.01, 0.05]) + grid(method=["fare-reg"], lam=[0.1, 1.0]) + [{"method": "fare"}]
+    res = run_sweep("notebooks/02_train.ipynb", "rho-lam", points, base={"steps": 20, "out_dir": "."}, workers=2)
 
 Command line (``python -m lorekit sweep``, see :func:`add_arguments`)::
 
-    python -m lorekit sweep notebooks/finetune.ipynb --name rho --grid rho=0.01,0.05,0.1 --grid method=lore \\
-        --set steps=20 --workers 2
+    python -m lorekit sweep notebooks/02_train.ipynb --name rho --grid rho=0.01,0.05,0.1 --grid method=lore \\
+        --set steps=20 --set out_dir=. --workers 2
+
+(Notebook 2 writes its run and ``results.json`` under ``out_dir`` relative to its cwd; ``.`` is the point's
+directory.)
 """
 
 from __future__ import annotations

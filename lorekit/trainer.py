@@ -37,7 +37,7 @@ from .attacks import ce_attack_loss, embedding_attack_loss, pgd
 from .config import ConfigError, TrainConfig, config_diff
 from .dual import DualNet, dual_step
 from .evaluate import clean_accuracy, embedding_metrics, pgd_accuracy
-from .models import ZeroShotClassifier, frozen_copy
+from .models import ZeroShotClassifier, frozen_copy, weights_id
 
 Record = dict[str, Any]
 QUANTILES = (0.1, 0.5, 0.9)
@@ -119,8 +119,10 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, encoder: nn.Module, train_set: Dataset, *,
                  eval_images: torch.Tensor | None = None, eval_labels: torch.Tensor | None = None,
-                 class_embeddings: torch.Tensor | None = None, reference: nn.Module | None = None) -> None:
+                 class_embeddings: torch.Tensor | None = None, reference: nn.Module | None = None,
+                 base_weights: str | None = None) -> None:
         self.cfg = cfg.validate()
+        self.base_weights = base_weights  # models.weights_id of the encoder's starting weights, when known
         if cfg.method == "tecoa" and class_embeddings is None:
             raise ConfigError("method='tecoa' needs class embeddings (a zero-shot head) for its cross-entropy")
         if len(train_set) < cfg.batch_size:
@@ -248,6 +250,8 @@ class Trainer:
                  "rng": {"torch": torch.get_rng_state(), "attack": self.attack_gen.get_state()}}
         if torch.cuda.is_available():
             state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        if self.base_weights is not None:
+            state["base_weights"] = self.base_weights
         if self.dual is not None:
             state["dual"] = self.dual.state_dict()
             state["dual_optimizer"] = self.dual_optimizer.state_dict()
@@ -273,9 +277,18 @@ class Trainer:
         path = run / "checkpoint.pt"
         try:
             state = torch.load(path, map_location=self.device, weights_only=True)
-            self.load_state_dict(state)
         except Exception as e:
             raise ConfigError(f"{path}: missing or corrupt checkpoint, cannot resume "
+                              f"({type(e).__name__}: {str(e)[:200]})") from None
+        saved = state.get("base_weights")
+        if self.base_weights is not None and saved != self.base_weights:
+            raise ConfigError(f"{path}: this run was fine-tuned from {saved or 'unrecorded weights'}, but "
+                              f"model={self.cfg.model!r} pretrained={self.cfg.pretrained!r} now resolves to "
+                              f"{self.base_weights}; resuming would mix the two. Start a new run_dir")
+        try:
+            self.load_state_dict(state)
+        except Exception as e:
+            raise ConfigError(f"{path}: checkpoint does not fit this run, cannot resume "
                               f"({type(e).__name__}: {str(e)[:200]})") from None
 
     # ------------------------------------------------------------------ the loop
@@ -321,7 +334,7 @@ class Trainer:
             callback(final)
         atomic_write_bytes(run / "encoder.pt", lambda p: torch.save(self.encoder.state_dict(), p))
         summary = {"run_dir": str(run), "method": cfg.method, "steps": self.step, "final": final,
-                   "wall_time_s": time.perf_counter() - start_time}
+                   "base_weights": self.base_weights, "wall_time_s": time.perf_counter() - start_time}
         atomic_write_json(run / "summary.json", summary)
         return summary
 
@@ -357,8 +370,21 @@ def build(cfg: TrainConfig) -> tuple[Trainer, Any]:
     images, labels = stack(bundle.test, fixed_subset(len(bundle.test), cfg.eval_samples))
     weights = clip.class_embeddings(bundle.classnames, bundle.templates, device)
     trainer = Trainer(cfg, clip.encoder, bundle.train, eval_images=images, eval_labels=labels,
-                      class_embeddings=weights)
+                      class_embeddings=weights, base_weights=weights_id(cfg.model, cfg.pretrained, cfg.cache_dir))
     return trainer, clip
+
+
+def finished_and_current(cfg: TrainConfig) -> bool:
+    """Whether cfg.run_dir holds a finished run of exactly `cfg`, fine-tuned from the weights that
+    cfg.model / cfg.pretrained name today (not, say, an earlier pretraining of the embedded model)."""
+    run = cfg.run_path
+    try:
+        saved = json.loads((run / "config.json").read_text())
+        summary = json.loads((run / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return not config_diff(saved, cfg.to_dict()) and (
+        summary.get("base_weights") == weights_id(cfg.model, cfg.pretrained, cfg.cache_dir))
 
 
 def train(cfg: TrainConfig, callback: Callable[[Record], None] | None = None, progress: bool = True) -> Record:

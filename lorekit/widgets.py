@@ -32,7 +32,7 @@ from IPython.display import display
 
 from .config import NON_SEMANTIC_FIELDS, ConfigError, TrainConfig
 from .plots import method_name, mime_bundle, training_curves, update_training_curves
-from .trainer import Trainer, build, read_metrics
+from .trainer import Trainer, build, finished_and_current, read_metrics
 
 Record = dict[str, Any]
 
@@ -54,8 +54,8 @@ def train_or_reuse(cfg: TrainConfig, callback: Callable[[Record], None] | None =
                    progress: bool = False, on_build: Callable[[Trainer], None] | None = None) -> Record:
     """Train `cfg` (its run_dir set, e.g. by `with_run_dir`) and return the run's summary.
 
-    reuse=True: a finished run with the same config is read back (its records are replayed to
-    `callback`), an unfinished one is resumed. reuse=False: an existing run in run_dir is
+    reuse=True: a finished run with the same config, fine-tuned from the same base weights, is read
+    back (its records are replayed to `callback`), an unfinished one is resumed. reuse=False: an existing run in run_dir is
     deleted and trained again. `on_build(trainer)` runs before training (e.g. `LambdaProbe.attach`).
     """
     if not cfg.run_dir:
@@ -68,11 +68,13 @@ def train_or_reuse(cfg: TrainConfig, callback: Callable[[Record], None] | None =
             saved = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
             if config_hash(saved) != config_hash(cfg):
                 raise ConfigError(f"run_dir={str(run)!r} holds a run with a different config; choose another run_dir")
+        if reuse and finished_and_current(cfg):
             if callback is not None:
                 for record in read_metrics(run):
                     callback(record)
             return json.loads((run / "summary.json").read_text())
-        resume = reuse and (run / "checkpoint.pt").is_file()
+        # A finished run that is not current (other base weights) is trained again, not resumed.
+        resume = reuse and (run / "checkpoint.pt").is_file() and not (run / "summary.json").is_file()
         if not resume:
             shutil.rmtree(run)
     trainer, _ = build(replace(cfg, resume=resume))

@@ -26,3 +26,13 @@ def test_makefile_installs_the_same_extras():
     extras = re.search(r'-e "\.\[([^\]]*)\]"', (ROOT / "Makefile").read_text()).group(1)
     assert set(extras.split(",")) == set(project["optional-dependencies"])
     assert sys.version_info >= (3, 10)
+
+
+def test_readme_performance_section_is_what_bench_report_renders():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "bench" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    assert report.readme_section((ROOT / "README.md").read_text()) == report.render(), (
+        "README.md's performance section is stale: run `python bench/report.py --write`")

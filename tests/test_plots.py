@@ -3,6 +3,9 @@
 import base64
 import io
 import json
+import re
+import shutil
+import struct
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -95,6 +98,27 @@ def test_front_orders_each_method_by_its_knob():
     assert list(lore.x) == pytest.approx([0.94, 0.85, 0.65])
     assert list(_trace(fig, "FARE-reg").text) == ["λ=1", "λ=10"]
     assert "4/255" in fig.layout.yaxis.title.text
+
+
+def test_save_html_opens_offline_and_bad_suffix_writes_nothing(tmp_path):
+    fig = plots.front(_sweep_rows(), eps=4 / 255)
+    html = plots.save(fig, tmp_path / "figs" / "front.html").read_text()
+    assert not re.search(r"<script[^>]*\bsrc=", html) and len(html) > 1_000_000  # plotly.js inlined, no CDN
+    assert json.dumps("ρ=0.3") in html  # the LORE labels (plotly escapes non-ASCII)
+    with pytest.raises(ValueError, match=r"front\.jpeg.*\.html"):
+        plots.save(fig, tmp_path / "front.jpeg")
+    with pytest.raises(ValueError, match="'jpeg'.*html, png"):
+        plots.check_formats(["html", "jpeg"])
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["figs", "front.html"]
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="kaleido's static export needs a Chromium (Debian: chromium)")
+def test_save_png_through_kaleido(tmp_path):
+    png = plots.save(plots.front(_sweep_rows()), tmp_path / "front.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", png[16:24])
+    assert (width, height) == (2 * 720, 2 * 460)  # the layout's size at scale 2
 
 
 def test_rho_tradeoff_panels_and_reference_lines():

@@ -44,6 +44,7 @@ def test_results_audit_files_and_resume(data, tmp_path, monkeypatch):
     acc = res["robust_acc"]
     assert acc["eps8"] <= acc["eps1"] <= res["clean_acc"] and acc["eps8"] < 0.9
     assert set(res["sanity"]) == set(robustness.SANITY_CHECKS) and res["sanity_passed"]
+    assert res["attacks"] == ["apgd-ce", "apgd-t"]
     assert {"platform", "cpu_count", "torch"} <= set(res["machine"])
 
     rows = [json.loads(line) for k in range(3) for line in (tmp_path / "eps8" / f"chunk{k:04d}.jsonl").open()]

@@ -320,3 +320,24 @@ def test_killed_sweep_resumes_with_only_the_missing_points(tmp_path):
     assert res.ok == [fast, slow]
     assert _executions(log) == {fast: 1, slow: 2}
     assert [p["status"] for p in load_sweep(root / "killed").index["points"]] == ["ok", "ok"]
+
+
+def test_make_sweep_parameters_are_notebook_3_parameters_and_valid_configs():
+    """`make sweep` feeds notebooks/params/rho_front.yaml to notebook 3: every name must be a parameter of the
+    right type there (papermill only warns on unknown names), and every point a valid training config."""
+    import yaml
+
+    from lorekit.config import TrainConfig
+
+    params = yaml.safe_load((REPO / "notebooks" / "params" / "rho_front.yaml").read_text())
+    known = notebook_parameters(REPO / "notebooks" / "03_rho_sweep.ipynb")
+    assert set(params) <= set(known), set(params) - set(known)
+    types = {"list": list, "float": (float, int), "int": int, "bool": bool, "str": str}
+    for name, value in params.items():
+        assert isinstance(value, types[known[name]["type"]]), (name, value, known[name]["type"])
+    assert params["reuse"] is True  # a re-run after a kill must finish the sweep, not start it over
+    assert len(params["rhos"]) >= 5 and params["lams"] and params["fare"]
+    common = {k: params[k] for k in ("eps", "primal_steps", "attack_steps", "steps", "batch_size", "lr", "dual_lr")}
+    for point in [{"method": "lore", "rho": r} for r in params["rhos"]] + [
+            {"method": "fare-reg", "lam": lam} for lam in params["lams"]] + [{"method": "fare"}]:
+        TrainConfig(**common, **point).validate()

@@ -14,7 +14,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from lorekit.config import ConfigError, TrainConfig
-from lorekit.trainer import Trainer, read_metrics, train
+from lorekit.models import weights_id
+from lorekit.trainer import Trainer, finished_and_current, read_metrics, train
 
 
 @pytest.mark.parametrize("method", ["fare", "fare-reg", "lore", "tecoa"])
@@ -77,6 +78,37 @@ def test_resume_without_or_with_a_corrupt_checkpoint_is_a_clear_error(tiny_cfg):
     (cfg.run_path / "checkpoint.pt").write_bytes(b"garbage")
     with pytest.raises(ConfigError, match="checkpoint.pt: missing or corrupt checkpoint"):
         train(replace(cfg, resume=True), progress=False)
+
+
+def test_runs_record_their_base_weights_and_stale_runs_are_not_reused_or_resumed(tiny_cfg):
+    # A run fine-tuned from an earlier pretraining of the embedded model (or a replaced checkpoint file) must
+    # be neither read back as finished nor resumed: its encoder would be paired with another text tower.
+    cfg = replace(tiny_cfg, steps=2, eval_every=0)
+    summary = train(cfg, progress=False)
+    current = weights_id(cfg.model, cfg.pretrained, cfg.cache_dir)
+    assert summary["base_weights"] == current and current.startswith("lorekit-tiny@lorekit-tiny-digits-")
+    assert torch.load(cfg.run_path / "checkpoint.pt", weights_only=True)["base_weights"] == current
+    assert finished_and_current(cfg)
+    assert not finished_and_current(replace(cfg, rho=0.3))
+    (cfg.run_path / "summary.json").write_text(json.dumps({**summary, "base_weights": "lorekit-tiny@old.pt"}))
+    assert not finished_and_current(cfg)
+
+    state = torch.load(cfg.run_path / "checkpoint.pt", weights_only=True)
+    torch.save({**state, "base_weights": "lorekit-tiny@old.pt"}, cfg.run_path / "checkpoint.pt")
+    with pytest.raises(ConfigError, match=r"fine-tuned from lorekit-tiny@old\.pt, but .*now resolves to "):
+        train(replace(cfg, resume=True), progress=False)
+
+
+def test_weights_id_follows_the_file_behind_a_checkpoint_path(tiny_clip, tmp_path):
+    path = tmp_path / "ckpt.pt"
+    torch.save(tiny_clip.model.state_dict(), path)
+    first = weights_id("lorekit-tiny", str(path))
+    assert str(path) in first and weights_id("lorekit-tiny", str(path)) == first
+    time.sleep(0.01)
+    torch.save({k: v + 1 for k, v in tiny_clip.model.state_dict().items() if v.is_floating_point()}, path)
+    assert weights_id("lorekit-tiny", str(path)) != first
+    assert weights_id("ViT-B-32", "openai") == "ViT-B-32-quickgelu@openai"
+    assert weights_id("lorekit-tiny") == "lorekit-tiny@random-init"
 
 
 def test_batch_larger_than_data_is_refused(tmp_path):
