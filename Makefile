@@ -1,5 +1,5 @@
 # Two entry points (see README): `make demo` and `make test`. Both create .venv on first use.
-# `make sweep` runs notebook 3's ρ sweep at the demo's recipe (notebooks/params/rho_front.yaml).
+# `make sweep` runs notebook 3's ρ sweep on the embedded default (notebooks/params/rho_front.yaml).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
