@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -26,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from crosscheck_autoattack import FARE, RESULTS, classifiers, pyautoattack_robust  # noqa: E402
+from crosscheck_autoattack import FARE, add_common_arguments, pyautoattack_robust, setup  # noqa: E402
 
 from lorekit.apgd import autoattack_custom  # noqa: E402
 from lorekit.robustness import machine  # noqa: E402
@@ -65,18 +64,11 @@ def _write(args: argparse.Namespace, rows: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--samples", type=int, default=200)
-    parser.add_argument("--eps", type=float, nargs="+", default=[2, 4, 8], help="units of 1/255")
-    parser.add_argument("--n-iter", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=250)
+    add_common_arguments(parser, samples=200, out="bench_apgd.json")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["lorekit", "pyautoattack"])
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--cache-dir", default=os.environ.get("LOREKIT_CACHE", ".cache"))
-    parser.add_argument("--out", default=str(RESULTS / "bench_apgd.json"))
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    models, x, y = classifiers(args.cache_dir, args.samples)
+    models, x, y = setup(args)
     rows = []
     for name, clf in models.items():
         for eps in args.eps:

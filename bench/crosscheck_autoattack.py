@@ -60,6 +60,23 @@ def classifiers(cache_dir: str, samples: int, seed: int = 0) -> tuple[dict[str, 
              "fare4": ZeroShotClassifier(tuned.encoder, weights).eval()}, x, y)
 
 
+def add_common_arguments(parser: argparse.ArgumentParser, samples: int, out: str) -> None:
+    """The options this script and bench_apgd.py share (sample, grid, threads, cache, output file)."""
+    parser.add_argument("--samples", type=int, default=samples)
+    parser.add_argument("--eps", type=float, nargs="+", default=[2, 4, 8], help="units of 1/255")
+    parser.add_argument("--n-iter", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--cache-dir", default=os.environ.get("LOREKIT_CACHE", ".cache"))
+    parser.add_argument("--out", default=str(RESULTS / out))
+
+
+def setup(args: argparse.Namespace) -> tuple[dict[str, torch.nn.Module], torch.Tensor, torch.Tensor]:
+    """Pin the thread count, then build the classifiers and the fixed sample."""
+    torch.set_num_threads(args.threads)
+    return classifiers(args.cache_dir, args.samples)
+
+
 def pyautoattack_robust(classifier: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n_iter: int,
                         batch_size: int, seed: int = 0) -> torch.Tensor:
     """Robust flags from the official code, set up to match `autoattack_custom`'s defaults."""
@@ -84,16 +101,9 @@ def timed(fn, *args, **kwargs):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--samples", type=int, default=300)
-    parser.add_argument("--eps", type=float, nargs="+", default=[2, 4, 8], help="units of 1/255")
-    parser.add_argument("--n-iter", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=250)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--cache-dir", default=os.environ.get("LOREKIT_CACHE", ".cache"))
-    parser.add_argument("--out", default=str(RESULTS / "crosscheck_autoattack.json"))
+    add_common_arguments(parser, samples=300, out="crosscheck_autoattack.json")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    models, x, y = classifiers(args.cache_dir, args.samples)
+    models, x, y = setup(args)
     rows = []
     print(f"{'encoder':9s} {'eps':>6s} {'clean':>6s} {'lorekit':>8s} {'pyAA':>6s} {'agree':>6s} {'t_lk':>7s} "
           f"{'t_pyAA':>7s}")

@@ -30,7 +30,8 @@ def _machine(m: dict) -> str:
 
 def _demo(d: dict) -> list[str]:
     s = d["seconds"]
-    return [f"**End to end** (`python bench/bench_demo.py`: `make demo` in a fresh clone with an empty cache; "
+    return [f"**End to end** (`python bench/bench_demo.py`: `make demo` in a fresh clone of {d['commit'][:7]} "
+            "with an empty cache; "
             f"{_machine(d['machine'])}): **{s['end_to_end'] / 60:.1f} min**, of which setup {s['setup']:.0f} s "
             f"+ pretraining the embedded model {s['pretraining']} s + FARE and LORE training and evaluation "
             f"{s['train_and_eval']:.0f} s.", ""]

@@ -192,14 +192,27 @@ class APGDResult:
     fooled: torch.Tensor
     loss: torch.Tensor
 
+    @classmethod
+    def start(cls, x: torch.Tensor) -> "APGDResult":
+        """Nothing fooled yet: clean images, loss −∞."""
+        return cls(x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device),
+                   torch.full((len(x),), float("-inf"), device=x.device))
+
+    def merge(self, todo: torch.Tensor, run: "APGDResult") -> torch.Tensor:
+        """Fold in a run on the samples `todo` (restart or target class); returns those it left unfooled."""
+        improved = run.fooled | (run.loss > self.loss[todo])
+        self.x_adv[todo[improved]] = run.x_adv[improved]
+        self.loss[todo] = torch.maximum(self.loss[todo], run.loss)
+        self.fooled[todo] = run.fooled
+        return todo[~run.fooled]  # compaction between runs (one sync)
+
 
 def _apgd_run(model: Classifier, x: torch.Tensor, y: torch.Tensor, y_target: torch.Tensor | None, eps: float,
               loss_fn: Callable, norm: str, n_iter: int, rho: float, generator: torch.Generator | None,
               compact: bool) -> APGDResult:
     """One APGD run from a random start, on the whole batch (see the module docstring)."""
     n = x.shape[0]
-    out = APGDResult(x.clone(), torch.zeros(n, dtype=torch.bool, device=x.device),
-                     torch.full((n,), float("-inf"), device=x.device))
+    out = APGDResult.start(x)
     checkpoints = step_size_checkpoints(n_iter)
     windows = dict(zip(checkpoints, [checkpoints[0]] + [b - a for a, b in zip(checkpoints, checkpoints[1:])]))
     compaction = _compaction_points(n_iter) if compact else set()
@@ -293,18 +306,13 @@ def apgd(model: Classifier, x: torch.Tensor, y: torch.Tensor, eps: float, *, los
     if loss not in LOSSES:
         raise ValueError(f"loss={loss!r}: must be one of {', '.join(LOSSES)}")
     x, y = x.detach(), y.detach()
-    result = APGDResult(x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device),
-                        torch.full((len(x),), float("-inf"), device=x.device))
+    result = APGDResult.start(x)
     todo = torch.arange(len(x), device=x.device)
     with frozen_parameters(model):
         for _ in range(n_restarts):
             run = _apgd_run(model, x[todo], y[todo], None if y_target is None else y_target[todo], eps,
                             _LOSS_FNS[loss], norm, n_iter, rho, generator, compact)
-            improved = run.fooled | (run.loss > result.loss[todo])
-            result.x_adv[todo[improved]] = run.x_adv[improved]
-            result.loss[todo] = torch.maximum(result.loss[todo], run.loss)
-            result.fooled[todo] = run.fooled
-            todo = todo[~run.fooled]  # per-restart compaction (one sync)
+            todo = result.merge(todo, run)
             if todo.numel() == 0:
                 break
     return result
@@ -327,18 +335,13 @@ def apgd_targeted(model: Classifier, x: torch.Tensor, y: torch.Tensor, eps: floa
     n_classes = clean_logits.shape[1]
     n_targets = min(n_target_classes, n_classes - 1)
     ranked = clean_logits.argsort(dim=1, descending=True)
-    result = APGDResult(x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device),
-                        torch.full((len(x),), float("-inf"), device=x.device))
+    result = APGDResult.start(x)
     todo = torch.arange(len(x), device=x.device)
     for rank in range(1, n_targets + 1):
         sub = apgd(model, x[todo], y[todo], eps, loss="dlr-targeted", norm=norm, n_iter=n_iter,
                    n_restarts=n_restarts, rho=rho, y_target=ranked[todo, rank], generator=generator,
                    compact=compact)
-        improved = sub.fooled | (sub.loss > result.loss[todo])
-        result.x_adv[todo[improved]] = sub.x_adv[improved]
-        result.loss[todo] = torch.maximum(result.loss[todo], sub.loss)
-        result.fooled[todo] = sub.fooled
-        todo = todo[~sub.fooled]  # per-target compaction (one sync)
+        todo = result.merge(todo, sub)
         if todo.numel() == 0:
             break
     return result
