@@ -4,15 +4,16 @@ The bound for one step is the time of the passes the method cannot avoid, each t
 the same batch, in round-robin with the steps themselves (so a ratio is measured side by side):
     reference forward (no grad, B images)
   + attack_steps × forward+backward to the input (B images)
-  + updates × forward+backward to the parameters + optimiser step
-      (FARE: 1 update on B images; LORE: K updates on 2B images, adversarial + clean)
-The ratio step/bound is the overhead of everything else (attack bookkeeping, telemetry, the
-dual step, FARE's telemetry forward). Goal: ≤ 1.15.
+  + updates × forward+backward to the parameters + optimiser step (on the images per update)
+The step's updates and images per update come from the compute ledger of one step (FARE: 1 update on
+B images; LORE: K updates on 2B images, adversarial + clean). The ratio step/bound is the overhead of
+everything else (attack bookkeeping, telemetry, the dual step, FARE's telemetry forward). Goal: ≤ 1.15.
 
     python bench/bench_step.py                                   # embedded default, CPU
     python bench/bench_step.py --model ViT-B-32 --batch-size 128 --precision bf16   # GPU box
 
-Writes bench/results/step_<model>_<device>_<precision>.json with the machine's description.
+Settings: the 'bench-step' recipe (lorekit/recipes.toml). Writes
+bench/results/step_<model>_<device>_<precision>.json with the machine's description.
 """
 
 from __future__ import annotations
@@ -26,10 +27,13 @@ from typing import Callable
 
 import torch
 
-from lorekit.config import TrainConfig
+from lorekit.config import resolve_device
 from lorekit.models import load_clip
+from lorekit.recipes import recipe
 from lorekit.robustness import machine
-from lorekit.trainer import Trainer, resolve_device
+from lorekit.trainer import Trainer
+
+METHODS = ("fare", "lore")
 
 
 def _sync(device: torch.device) -> None:
@@ -62,14 +66,18 @@ def bench(model: str, pretrained: str, batch_size: int, precision: str, repeats:
     x = data.tensors[0][:batch_size].to(device)
     y = data.tensors[1][:batch_size].to(device)
     out = {"model": model, "batch_size": batch_size, "precision": precision, "attack_steps": attack_steps,
-           "primal_steps": primal_steps, "repeats": repeats, "machine": {**machine(), "device": str(device)},
-           "methods": {}}
-    trainers = {method: Trainer(TrainConfig(method=method, model=model, pretrained=pretrained, batch_size=batch_size,
-                                            attack_steps=attack_steps, primal_steps=primal_steps,
-                                            precision=precision, steps=10_000, run_dir="/nonexistent"),
-                                clip.encoder, data)
-                for method in ("fare", "lore")}
-    trainer = trainers["fare"]  # the passes below are the same for both: one encoder, one autocast setting
+           "repeats": repeats, "machine": {**machine(), "device": str(device)}, "methods": {}}
+    trainers = {method: Trainer(recipe("bench-step", method, model=model, pretrained=pretrained,
+                                       batch_size=batch_size, attack_steps=attack_steps, primal_steps=primal_steps,
+                                       precision=precision, run_dir="/nonexistent"), clip.encoder, data)
+                for method in METHODS}
+    # what one step of each method spends: updates, and images per update (from the ledger)
+    spend = {}
+    for method, trainer in trainers.items():
+        trainer.train_step(x, y)
+        updates = trainer.ledger.updates
+        spend[method] = (updates, trainer.ledger.forward["update"] // updates // batch_size)
+    trainer = trainers[METHODS[0]]  # the passes below are the same for all: one encoder, one autocast setting
     enc = trainer.encoder
 
     def ref_forward():
@@ -96,15 +104,17 @@ def bench(model: str, pretrained: str, batch_size: int, precision: str, repeats:
     def train_step(method: str):
         return lambda: {k: v.item() for k, v in trainers[method].train_step(x, y).items()}
 
-    t = _interleaved({"ref_forward": ref_forward, "input_fwd_bwd": input_fwd_bwd, "update_B": update(x),
-                      "update_2B": update(torch.cat([x, x])), "fare": train_step("fare"),
-                      "lore": train_step("lore")}, device, repeats, warmup)
-    for method, updates, update_key in (("fare", 1, "update_B"), ("lore", primal_steps, "update_2B")):
-        bound = t["ref_forward"] + attack_steps * t["input_fwd_bwd"] + updates * t[update_key]
+    sizes = sorted({n for _, n in spend.values()})
+    t = _interleaved({"ref_forward": ref_forward, "input_fwd_bwd": input_fwd_bwd,
+                      **{f"update_{n}B": update(torch.cat([x] * n)) for n in sizes},
+                      **{method: train_step(method) for method in METHODS}}, device, repeats, warmup)
+    for method, (updates, n) in spend.items():
+        bound = t["ref_forward"] + attack_steps * t["input_fwd_bwd"] + updates * t[f"update_{n}B"]
         step = t[method]
-        out["methods"][method] = {"step_s": step, "bound_s": bound, "ratio": step / bound,
-                                  "images_per_s": batch_size / step, "ref_forward_s": t["ref_forward"],
-                                  "input_fwd_bwd_s": t["input_fwd_bwd"], "param_update_s": t[update_key]}
+        out["methods"][method] = {"step_s": step, "bound_s": bound, "ratio": step / bound, "updates": updates,
+                                  "images_per_update": n * batch_size, "images_per_s": batch_size / step,
+                                  "ref_forward_s": t["ref_forward"], "input_fwd_bwd_s": t["input_fwd_bwd"],
+                                  "param_update_s": t[f"update_{n}B"]}
         print(f"{method}: step {step * 1e3:.1f} ms, bound {bound * 1e3:.1f} ms, ratio {step / bound:.3f}, "
               f"{batch_size / step:.1f} images/s")
     return out
@@ -117,7 +127,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--attack-steps", type=int, default=10)
-    p.add_argument("--primal-steps", type=int, default=5)
+    p.add_argument("--primal-steps", type=int, default=0, help="K for every method; 0: each method's default")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()

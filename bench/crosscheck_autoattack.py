@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,39 +25,24 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lorekit.apgd import autoattack_custom  # noqa: E402
-from lorekit.config import TrainConfig  # noqa: E402
-from lorekit.data import digits, fixed_subset, stack  # noqa: E402
-from lorekit.models import ZeroShotClassifier, load_clip  # noqa: E402
+from lorekit.recipes import recipe  # noqa: E402
 from lorekit.robustness import machine  # noqa: E402
+from lorekit.trainer import train  # noqa: E402
+from lorekit.workbench import setup as workbench  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# FARE⁴ on the tiny model, with the demo's settings (its lr suits the tiny model, not a real CLIP).
-FARE = TrainConfig(method="fare", eps=4 / 255, steps=150, batch_size=64, lr=1e-4, eval_every=0, seed=0,
-                   run_dir="runs/bench-fare4")
-
-
-def robust_encoder_run(cfg: TrainConfig = FARE) -> Path:
-    """Train FARE with lorekit.trainer, or reuse the finished run in cfg.run_dir if it is current."""
-    from lorekit.trainer import finished_and_current, train
-
-    run = cfg.run_path
-    if not finished_and_current(cfg):
-        shutil.rmtree(run, ignore_errors=True)
-        train(cfg.validate())
-    return run
+# FARE⁴ on the tiny model: the 'bench-fare4' recipe (the demo's settings; its lr suits the tiny model).
+FARE = recipe("bench-fare4", run_dir="runs/bench-fare4")
 
 
 def classifiers(cache_dir: str, samples: int, seed: int = 0) -> tuple[dict[str, torch.nn.Module], torch.Tensor,
                                                                      torch.Tensor]:
     """{'original', 'fare4'} zero-shot classifiers on the digits test split, and the fixed sample."""
-    bundle = digits()
-    original = load_clip("lorekit-tiny", "digits", cache_dir=cache_dir)
-    tuned = load_clip("lorekit-tiny", "digits", cache_dir=cache_dir,
-                      image_encoder=robust_encoder_run() / "encoder.pt")
-    weights = original.class_embeddings(bundle.classnames, bundle.templates)
-    x, y = stack(bundle.test, fixed_subset(len(bundle.test), samples, seed))
-    return ({"original": ZeroShotClassifier(original.encoder, weights).eval(),
-             "fare4": ZeroShotClassifier(tuned.encoder, weights).eval()}, x, y)
+    cfg = replace(FARE, cache_dir=cache_dir)
+    train(cfg, existing="reuse")  # trained once, read back after
+    bench = workbench(replace(cfg, eval_samples=samples), subset_seed=seed)
+    return ({"original": bench.classifier().eval(), "fare4": bench.classifier(bench.encoder_of(cfg.run_dir)).eval()},
+            bench.images, bench.labels)
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, samples: int, out: str) -> None:

@@ -5,27 +5,41 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 
-from . import robustness, sweep
-from .config import ConfigError, TrainConfig, add_config_arguments, config_from_args
+from . import recipes, robustness, sweep
+from .config import ConfigError, TrainConfig, add_config_arguments, given_fields
 
 
 def _train(args: argparse.Namespace) -> int:
     from .trainer import train
 
-    summary = train(config_from_args(args))
+    overrides = given_fields(args)
+    cfg = recipes.recipe(args.recipe, **overrides) if args.recipe else TrainConfig.from_dict(overrides)
+    summary = train(cfg)
     print(json.dumps(summary["final"], indent=2))
     print(f"run written to {summary['run_dir']}")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_pretrained_or_run
+    from .rundir import read_config
+    from .workbench import setup
 
-    results = evaluate_pretrained_or_run(run_dir=args.run, model=args.model, pretrained=args.pretrained,
-                                         dataset=args.dataset, eps_list=[e / 255 for e in args.eps],
-                                         samples=args.samples, steps=args.steps, device=args.device)
-    print(json.dumps(results, indent=2))
+    bad = [e for e in args.eps if not 0 < e <= 255]
+    if bad or args.samples < 1 or args.steps < 1:
+        raise ConfigError(f"eps={bad}: every ε must lie in (0, 255] (units of 1/255)" if bad else
+                          f"samples={args.samples}, steps={args.steps}: both must be integers >= 1")
+    if args.run:
+        saved = read_config(args.run)
+        cfg, rho = replace(saved, device=args.device, eval_samples=args.samples), saved.rho
+    else:
+        cfg, rho = TrainConfig(model=args.model, pretrained=args.pretrained, dataset=args.dataset,
+                               device=args.device, eval_samples=args.samples), None
+    bench = setup(cfg)
+    encoder = bench.encoder_of(args.run) if args.run else bench.original
+    print(json.dumps(bench.evaluate(encoder, [e / 255 for e in args.eps], steps=args.steps, rho=rho, seed=0),
+                     indent=2))
     return 0
 
 
@@ -40,8 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorekit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("train", help="fine-tune an image encoder (FARE, FARE-reg, LORE, TeCoA)",
+    p = commands.add_parser("train", help="fine-tune an image encoder (any registered method)",
                             description=TrainConfig.__doc__)
+    p.add_argument("--recipe", default="", help="named recipe (lorekit/recipes.toml) the other flags override: "
+                   + ", ".join(recipes.names()))
     add_config_arguments(p)
     p.set_defaults(func=_train)
 

@@ -17,7 +17,6 @@ import ast
 import dataclasses
 import functools
 import inspect
-import json
 import math
 import os
 import textwrap
@@ -26,7 +25,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-METHODS = ("fare", "fare-reg", "lore", "tecoa")
 DUAL_KINDS = ("mlp", "linear", "scalar")
 NORMS = ("linf", "l2")
 DEVICES = ("auto", "cpu", "cuda")
@@ -47,9 +45,10 @@ class TrainConfig:
     """Everything one fine-tuning run needs. Defaults: LORE on the embedded default."""
 
     method: str = "lore"
-    """Training objective: 'fare' (unsupervised adversarial embedding loss), 'fare-reg' (FARE plus a
-    constant-λ clean penalty), 'lore' (constrained, primal-dual with a learned λ(x)) or 'tecoa'
-    (supervised cross-entropy of the zero-shot classifier on adversarial images)."""
+    """Training objective, a name in the method registry (lorekit.methods): 'fare' (unsupervised
+    adversarial embedding loss), 'fare-reg' (FARE plus a constant-λ clean penalty), 'lore'
+    (constrained, primal-dual with a learned λ(x)) or 'tecoa' (supervised cross-entropy of the
+    zero-shot classifier on adversarial images)."""
 
     model: str = "lorekit-tiny"
     """open_clip model name (e.g. 'ViT-B-32', 'ViT-L-14-quickgelu') or 'hf-hub:org/name'."""
@@ -98,8 +97,9 @@ class TrainConfig:
     lambda_init: float = 1.0
     """Initial value of λ(x) = softplus(Fω(φθ0(x))), set through the output bias."""
 
-    primal_steps: int = 5
-    """K: primal updates of the encoder per batch (LORE only) with λ held fixed."""
+    primal_steps: int = 0
+    """K: encoder updates per adversarial batch, for every method (LORE holds λ fixed across them);
+    0 means the method's default: 5 for LORE, 1 for the others. The schedule spans steps·K updates."""
 
     steps: int = 150
     """Number of training batches (outer iterations)."""
@@ -149,14 +149,24 @@ class TrainConfig:
         return self.attack_step_size or self.eps / 4
 
     @property
+    def updates_per_batch(self) -> int:
+        """K as the run uses it: primal_steps, or the method's default when that is 0."""
+        from .methods import get
+
+        return self.primal_steps or get(self.method).primal_steps
+
+    @property
     def run_path(self) -> Path:
         if self.run_dir:
             return Path(self.run_dir)
+        from .methods import get
+
+        method = get(self.method)
         tag = f"{self.method}-eps{round(self.eps * 255, 2):g}-seed{self.seed}"
-        if self.method == "lore":
-            tag += f"-rho{self.rho:g}"
-        elif self.method == "fare-reg":
-            tag += f"-lam{self.lam:g}"
+        if method.knob:
+            tag += f"-{method.knob}{getattr(self, method.knob):g}"
+        if self.updates_per_batch != method.primal_steps:
+            tag += f"-K{self.updates_per_batch}"
         return Path("runs") / tag
 
     @property
@@ -170,10 +180,11 @@ class TrainConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             setattr(self, f.name, _coerce(f.name, value, hints[f.name]))
-        check_choice("method", self.method, METHODS)
+        from .methods import METHODS
+
+        check_choice("method", self.method, tuple(METHODS))
         check_choice("dual", self.dual, DUAL_KINDS)
         check_choice("norm", self.norm, NORMS)
-        check_choice("device", self.device, DEVICES)
         check_choice("precision", self.precision, PRECISIONS)
         if not 0 < self.eps <= 1:
             raise ConfigError(f"eps={self.eps!r}: must lie in (0, 1] (pixel units, e.g. 4/255={4/255:.5f})")
@@ -192,19 +203,16 @@ class TrainConfig:
             raise ConfigError(f"weight_decay={self.weight_decay!r}: must be >= 0")
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"warmup={self.warmup!r}: must be a fraction in [0, 1)")
-        if self.primal_steps < 1:
-            raise ConfigError(f"primal_steps={self.primal_steps!r}: K must be an integer >= 1")
+        if self.primal_steps < 0:
+            raise ConfigError(f"primal_steps={self.primal_steps!r}: K must be an integer >= 1, or 0 for the "
+                              "method's default")
         for name in ("steps", "batch_size", "attack_steps", "dual_hidden", "checkpoint_every", "eval_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be an integer >= 1")
         for name in ("eval_every", "workers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be an integer >= 0")
-        if self.device == "cuda":
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ConfigError("device='cuda': no CUDA device is visible; use 'auto' or 'cpu'")
+        resolve_device(self.device)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -225,9 +233,28 @@ NON_SEMANTIC_FIELDS = frozenset({"resume", "run_dir", "device", "workers", "cach
 
 
 def config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """Names of the semantic fields on which two saved configs disagree."""
+    """Names of the semantic fields on which two saved configs disagree (K compared as the runs use it)."""
+    a, b = _resolved_k(a), _resolved_k(b)
     keys = (set(a) | set(b)) - NON_SEMANTIC_FIELDS
     return sorted(k for k in keys if a.get(k) != b.get(k))
+
+
+def _resolved_k(d: dict[str, Any]) -> dict[str, Any]:
+    from .methods import METHODS
+
+    if d.get("primal_steps") == 0 and d.get("method") in METHODS:
+        return {**d, "primal_steps": METHODS[d["method"]].primal_steps}
+    return d
+
+
+def resolve_device(name: str):
+    """The torch device a 'device' setting names: 'auto' is CUDA when present, else the CPU."""
+    import torch
+
+    check_choice("device", name, DEVICES)
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda': no CUDA device is visible; use 'auto' or 'cpu'")
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
 
 
 def check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
@@ -298,14 +325,6 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfi
                                 help=f"{docs.get(f.name, '')} (default: {default!r})")
 
 
-def config_from_args(args: argparse.Namespace, cls: type = TrainConfig, **overrides: Any):
-    given = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
-    given.update(overrides)
-    return cls.from_dict(given)
-
-
-def load_config_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read a JSON config ({e})") from None
+def given_fields(args: argparse.Namespace, cls: type = TrainConfig) -> dict[str, Any]:
+    """The config fields given on the command line (flags left out are absent, not defaults)."""
+    return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}

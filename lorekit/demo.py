@@ -1,72 +1,47 @@
 """The README's first command: FARE vs LORE on the embedded default, a table and a plot.
 
-Both methods train with the same ε, steps, batch size, learning rate and seed; then the
-original, FARE and LORE encoders are evaluated on the whole held-out digits split: clean
-zero-shot accuracy, robust accuracy under PGD at ε ∈ {2, 4, 8}/255, cosine alignment and
-embedding fidelity to the original encoder. Re-running reuses finished runs and resumes
-interrupted ones.
+Both methods train with the 'demo' recipe (lorekit/recipes.toml): the same ε, steps, batch size,
+learning rate and seed; then the original, FARE and LORE encoders are evaluated on the whole held-out
+digits split: clean zero-shot accuracy, robust accuracy under PGD at ε ∈ {2, 4, 8}/255, cosine
+alignment and embedding fidelity to the original encoder. Re-running reuses finished runs and
+resumes interrupted ones.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from .config import TrainConfig
-from .data import digits
-from .evaluate import evaluate_encoder
-from .models import frozen_copy, load_clip
-from .trainer import atomic_write_json, build, finished_and_current, resolve_device
+from . import methods
+from .data import DIGITS_TEST_SIZE
+from .recipes import recipe
+from .rundir import atomic_write_json, atomic_write_text
+from .trainer import train
+from .workbench import setup
 
+RECIPE = "demo"
+METHODS = ("fare", "lore")
 EVAL_EPS = (2 / 255, 4 / 255, 8 / 255)
 EVAL_PGD_STEPS = 20
-# The embedded tiny model moves much less per step than a real CLIP at the paper's 1e-5.
-DEMO = TrainConfig(eps=4 / 255, steps=150, batch_size=64, lr=1e-4, rho=0.1, primal_steps=5, eval_every=50,
-                   eval_samples=256, seed=0)
 
 
-def _train_or_reuse(cfg: TrainConfig) -> None:
-    run = cfg.run_path
-    if finished_and_current(cfg):
-        print(f"demo: reusing finished run {run}")
-        return
-    if (run / "summary.json").exists():
-        print(f"demo: {run} is finished but from another config or other base weights; training it again")
-        shutil.rmtree(run)
-    resume = (run / "checkpoint.pt").exists()
-    trainer, _ = build(replace(cfg, resume=resume))
-    trainer.fit()
-
-
-def run_demo(out_dir: str | Path = "runs/demo", steps: int | None = None,
-             base: TrainConfig = DEMO) -> dict[str, dict[str, float]]:
+def run_demo(out_dir: str | Path = "runs/demo", steps: int | None = None) -> dict[str, dict[str, float]]:
     """Train FARE and LORE, evaluate them with the original encoder, print and save the table."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    base = replace(base, steps=steps or base.steps).validate()
-    clip = load_clip(base.model, base.pretrained, cache_dir=base.cache_dir, device=resolve_device(base.device))
-    original = frozen_copy(clip.encoder)
-    encoders = {"original": original}
-    for method in ("fare", "lore"):
-        cfg = replace(base, method=method, run_dir=str(out / method))
-        _train_or_reuse(cfg)
-        tuned = load_clip(cfg.model, cfg.pretrained, image_encoder=out / method / "encoder.pt",
-                          cache_dir=cfg.cache_dir, device=original.mean.device)
-        encoders[method.upper()] = tuned.encoder
-    bundle = digits()
-    images, labels = bundle.test.tensors
-    weights = clip.class_embeddings(bundle.classnames, bundle.templates)
-    results = {}
-    for name, encoder in encoders.items():
-        results[name] = evaluate_encoder(encoder, original, weights, images.to(original.mean.device),
-                                         labels.to(original.mean.device), EVAL_EPS, rho=base.rho,
-                                         steps=EVAL_PGD_STEPS, seed=base.seed)
+    base = recipe(RECIPE, steps=steps)
+    bench = setup(replace(base, eval_samples=DIGITS_TEST_SIZE))  # the whole held-out split
+    encoders = {"original": bench.original}
+    for method in METHODS:
+        cfg = recipe(RECIPE, method, steps=steps, run_dir=str(out / method))
+        train(cfg, existing="reuse")
+        encoders[methods.label(method)] = bench.encoder_of(cfg.run_dir)
+    results = {name: bench.evaluate(encoder, EVAL_EPS, steps=EVAL_PGD_STEPS, rho=base.rho)
+               for name, encoder in encoders.items()}
     wall = time.perf_counter() - start
     table = format_table(results)
     print(table)
@@ -74,7 +49,7 @@ def run_demo(out_dir: str | Path = "runs/demo", steps: int | None = None,
     atomic_write_json(out / "results.json", {"config": base.to_dict(), "eval_eps": list(EVAL_EPS),
                                              "pgd_steps": EVAL_PGD_STEPS, "results": results,
                                              "wall_time_s": wall})
-    (out / "results.md").write_text(table + "\n")
+    atomic_write_text(out / "results.md", table + "\n")
     plot(results, out / "demo.png")
     print(f"demo: table, results.json and demo.png written to {out}")
     return results

@@ -10,6 +10,7 @@ last layer starts at zero so no sample starts privileged.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -49,14 +50,17 @@ class DualNet(nn.Module):
         return F.softplus(self.net(F.normalize(ref.float(), dim=-1)).squeeze(-1))
 
 
-def dual_step(dual: DualNet, optimizer: torch.optim.Optimizer, ref: torch.Tensor,
-              slack: torch.Tensor) -> torch.Tensor:
+def dual_step(dual: DualNet, optimizer: torch.optim.Optimizer, ref: torch.Tensor, slack: torch.Tensor,
+              reduce_gradients: Callable[[nn.Module], None] | None = None) -> torch.Tensor:
     """One ascent step on E[λω(x)·g(x)]: λ rises where g > 0 (violated), falls where g < 0.
 
-    Returns the dual objective before the step (detached).
+    `reduce_gradients(dual)` averages the gradients over data-parallel ranks, so λω stays identical
+    on every rank. Returns the dual objective before the step (detached).
     """
     objective = dual_objective(dual(ref.detach()), slack)
     optimizer.zero_grad(set_to_none=True)
     (-objective).backward()  # optimisers minimise; ascent = descent on the negation
+    if reduce_gradients is not None:
+        reduce_gradients(dual)
     optimizer.step()
     return objective.detach()

@@ -18,6 +18,11 @@ from .attacks import ce_attack_loss, pgd
 from .models import ZeroShotClassifier
 
 
+def robust_key(eps: float) -> str:
+    """The result key of robust accuracy at ε: 'robust_acc@4' for ε = 4/255."""
+    return f"robust_acc@{round(eps * 255, 2):g}"
+
+
 def _batches(n: int, batch_size: int):
     for start in range(0, n, batch_size):
         yield slice(start, min(n, start + batch_size))
@@ -70,41 +75,7 @@ def evaluate_encoder(encoder: nn.Module, reference: nn.Module, class_embeddings:
     classifier = ZeroShotClassifier(encoder, class_embeddings)
     out = {"clean_acc": clean_accuracy(classifier, images, labels, batch_size)}
     for eps in eps_list:
-        out[f"robust_acc@{round(eps * 255, 2):g}"] = pgd_accuracy(classifier, images, labels, eps, steps=steps,
-                                                                  norm=norm, batch_size=batch_size, seed=seed)
+        out[robust_key(eps)] = pgd_accuracy(classifier, images, labels, eps, steps=steps, norm=norm,
+                                            batch_size=batch_size, seed=seed)
     out.update(embedding_metrics(encoder, reference, images, rho, batch_size))
     return out
-
-
-def evaluate_pretrained_or_run(*, run_dir: str = "", model: str = "lorekit-tiny", pretrained: str = "digits",
-                               dataset: str = "digits", eps_list: Sequence[float] = (2 / 255, 4 / 255, 8 / 255),
-                               samples: int = 1000, steps: int = 20, device: str = "auto",
-                               cache_dir: str | None = None) -> dict[str, float]:
-    """The `lorekit eval` entry: a run directory (compared with its original encoder) or a plain model."""
-    from .config import ConfigError, TrainConfig
-    from .data import fixed_subset, load_dataset, stack
-    from .models import frozen_copy, load_clip
-    from .trainer import load_run, resolve_device
-
-    if samples < 1:
-        raise ConfigError(f"samples={samples}: must be an integer >= 1")
-    if steps < 1:
-        raise ConfigError(f"steps={steps}: must be an integer >= 1")
-    bad = [e for e in eps_list if not 0 < e <= 1]
-    if bad:
-        raise ConfigError(f"eps={bad}: every ε must lie in (0, 1] in pixel units (pass --eps in units of 1/255)")
-    dev = resolve_device(device)
-    rho = None
-    if run_dir:
-        cfg, clip, reference = load_run(run_dir, dev)
-        dataset, rho = cfg.dataset, cfg.rho
-        root = cfg.data_path
-    else:
-        root = TrainConfig(cache_dir=cache_dir or TrainConfig().cache_dir).data_path
-        clip = load_clip(model, pretrained, cache_dir=cache_dir, device=dev)
-        reference = frozen_copy(clip.encoder)
-    bundle = load_dataset(dataset, root=root, image_size=clip.encoder.image_size[0])
-    images, labels = stack(bundle.test, fixed_subset(len(bundle.test), samples))
-    weights = clip.class_embeddings(bundle.classnames, bundle.templates, dev)
-    return evaluate_encoder(clip.encoder, reference, weights, images.to(dev), labels.to(dev), eps_list,
-                            rho=rho, steps=steps)

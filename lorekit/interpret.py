@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import io
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -123,7 +123,7 @@ class LambdaProbe:
     """Trainer callback: λω(x) on a fixed probe set, at step 0 and after every `every` training steps.
 
     Call `attach(trainer)` before `trainer.fit(callback=probe)`; `snapshots` maps step -> λ values
-    [N]. For methods without a dual network (FARE, FARE-reg) nothing is recorded.
+    [N]. Methods without a learned multiplier (no `multipliers` method) record nothing.
     """
 
     def __init__(self, images: torch.Tensor, every: int = 1) -> None:
@@ -131,13 +131,13 @@ class LambdaProbe:
             raise ValueError(f"every={every}: must be >= 1")
         self.images, self.every = images, every
         self.snapshots: dict[int, np.ndarray] = {}
-        self._dual: nn.Module | None = None
+        self._multipliers: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._ref: torch.Tensor | None = None
 
     def attach(self, trainer: Any) -> None:
         """Read the frozen reference embeddings of the probe set once, and record λ before training."""
-        self._dual = trainer.dual
-        if self._dual is None:
+        self._multipliers = getattr(trainer.method, "multipliers", None)
+        if self._multipliers is None:
             return
         with torch.inference_mode():
             self._ref = trainer.reference(self.images.to(trainer.device)).float()
@@ -145,8 +145,8 @@ class LambdaProbe:
 
     def _snapshot(self, step: int) -> None:
         with torch.no_grad():
-            self.snapshots[step] = self._dual(self._ref).cpu().numpy()
+            self.snapshots[step] = self._multipliers(self._ref).cpu().numpy()
 
     def __call__(self, record: Mapping[str, Any]) -> None:
-        if self._dual is not None and record.get("kind") == "train" and record["step"] % self.every == 0:
+        if self._multipliers is not None and record.get("kind") == "train" and record["step"] % self.every == 0:
             self._snapshot(int(record["step"]))

@@ -18,13 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError
+from .pretrain import TINY_MODEL, TINY_TAG, pretrained_tiny_checkpoint, tiny_checkpoint_path
 
-TINY_MODEL = "lorekit-tiny"
-TINY_TAG = "digits"
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
-
-# Model configs are data (open_clip style): registering the folder makes 'lorekit-tiny' a model name.
-open_clip.add_model_config(Path(__file__).parent / "model_configs")
 
 
 class ImageEncoder(nn.Module):
@@ -126,8 +122,6 @@ def weights_id(name: str, pretrained: str = "", cache_dir: str | Path | None = N
     """
     resolved = resolve_model_name(name, pretrained)
     if resolved == TINY_MODEL and pretrained == TINY_TAG:
-        from .pretrain import tiny_checkpoint_path
-
         return f"{resolved}@{tiny_checkpoint_path(cache_dir).name}"  # pretraining is deterministic
     if pretrained and _looks_like_path(pretrained) and Path(pretrained).is_file():
         stat = Path(pretrained).stat()
@@ -147,8 +141,6 @@ def load_clip(name: str, pretrained: str = "", *, image_encoder: str | Path | No
         print(f"lorekit: OpenAI weights use QuickGELU; loading {resolved!r} instead of {name!r}")
     check_pretrained(resolved, pretrained)
     if resolved == TINY_MODEL and pretrained == TINY_TAG:
-        from .pretrain import pretrained_tiny_checkpoint
-
         pretrained = str(pretrained_tiny_checkpoint(cache_dir))
     try:
         model = open_clip.create_model(resolved, pretrained=pretrained or None,

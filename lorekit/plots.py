@@ -19,15 +19,15 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.subplots import make_subplots
 
+from .methods import METHODS, knob, label as method_name
 from .toy import CosineBoundCheck, ToyProblem, Trajectory
 
 Record = Mapping[str, Any]
 
 RENDERER = "plotly_mimetype+notebook_connected"
 TEMPLATE = "plotly_white"
-METHOD_NAMES = {"original": "original", "fare": "FARE", "fare-reg": "FARE-reg", "lore": "LORE", "tecoa": "TeCoA"}
-METHOD_COLORS = {"original": "#555555", "fare": "#1f77b4", "fare-reg": "#ff7f0e", "lore": "#2ca02c",
-                 "tecoa": "#9467bd"}
+ORIGINAL = "original"  # rows and curves of the encoder before fine-tuning: not a method, the reference point
+METHOD_COLORS = {ORIGINAL: "#555555", **{name: m.color for name, m in METHODS.items()}}
 CLASS_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
                 "#bcbd22", "#17becf")
 
@@ -72,8 +72,10 @@ def mime_bundle(fig: go.Figure) -> dict[str, Any]:
     return bundle
 
 
-def method_name(method: str) -> str:
-    return METHOD_NAMES.get(method, method)
+def method_color(name: str) -> str | None:
+    """The colour of a method (by registry name or label, any case) or of the original encoder."""
+    key = name.lower()
+    return next((c for n, c in METHOD_COLORS.items() if key in (n, method_name(n).lower())), None)
 
 
 def _layout(fig: go.Figure, title: str, height: int, width: int | None = None, *,
@@ -174,8 +176,8 @@ class _Curve:
 _CURVES = (
     _Curve("loss", "loss", "train", 1, 1, "#333333"),
     _Curve("robust term", "loss_robust", "train", 1, 1, "#1f77b4"),
-    _Curve("λ·g term (LORE)", "loss_penalty", "train", 1, 1, "#2ca02c"),
-    _Curve("clean term (FARE-reg)", "loss_clean", "train", 1, 1, "#ff7f0e"),
+    _Curve("penalty term λ·g", "loss_penalty", "train", 1, 1, "#2ca02c"),
+    _Curve("clean term", "loss_clean", "train", 1, 1, "#ff7f0e"),
     _Curve("λ q10", "lambda_q10", "train", 1, 2, "rgba(44,160,44,0.4)"),
     _Curve("λ q10–q90", "lambda_q90", "train", 1, 2, "rgba(44,160,44,0.4)", fill=True),
     _Curve("λ median", "lambda_q50", "train", 1, 2, "#2ca02c"),
@@ -188,7 +190,7 @@ _CURVES = (
     _Curve("rel. distance (batch)", "rel_dist", "train", 2, 3, "#8c564b"),
     _Curve("fidelity (held-out)", "fidelity", "eval", 2, 3, "#8c564b", "dot"),
 )
-_PANELS = ("loss terms", "multiplier λ(x) (LORE)", "constraint violation (batch)",
+_PANELS = ("loss terms", "multiplier λ(x)", "constraint violation (batch)",
            "held-out accuracy", "cosine to the original", "‖φθ − φθ0‖² / ‖φθ0‖²")
 
 
@@ -230,62 +232,64 @@ def update_training_curves(fig: go.Figure, records: Sequence[Record], *, rho: fl
 
 # --------------------------------------------------------------------------- sweeps
 def _label(row: Mapping[str, Any]) -> str:
-    method = row.get("method")
-    if method == "lore":
-        return f"ρ={row['rho']:g}"
-    if method == "fare-reg":
-        return f"λ={row['lam']:g}"
-    return ""
+    """'ρ=0.05' for a point on a method's front (its knob's symbol and value)."""
+    field = knob(row.get("method"))
+    return f"{METHODS[row['method']].knob_label}={row[field]:g}" if field else ""
 
 
 def front(rows: Sequence[Mapping[str, Any]], *, eps: float | None = None) -> go.Figure:
-    """Clean vs robust accuracy: LORE over ρ, FARE-reg over λ, FARE and the original, on one figure."""
+    """Clean vs robust accuracy: each method's points (a line along its knob), and the original, on one figure."""
     fig = go.Figure()
-    for method in ("original", "fare", "fare-reg", "lore", "tecoa"):
+    for method in dict.fromkeys([ORIGINAL, *METHODS, *(r.get("method") for r in rows)]):
         pts = [r for r in rows if r.get("method") == method]
         if not pts:
             continue
-        key = {"lore": "rho", "fare-reg": "lam"}.get(method)
+        key = knob(method)
         if key:
             pts = sorted(pts, key=lambda r: r[key])
         fig.add_scatter(x=[r["clean_acc"] for r in pts], y=[r["robust_acc"] for r in pts],
                         mode="lines+markers+text" if key else "markers+text", name=method_name(method),
                         text=[_label(r) for r in pts] if key else [method_name(method)], textposition="top center",
-                        marker=dict(size=10, color=METHOD_COLORS.get(method), symbol="star" if not key else "circle"),
-                        line=dict(color=METHOD_COLORS.get(method)))
+                        marker=dict(size=10, color=method_color(method), symbol="star" if not key else "circle"),
+                        line=dict(color=method_color(method)))
     at = f" at ε={eps * 255:g}/255" if eps else ""
     fig.update_xaxes(title="clean accuracy")
     fig.update_yaxes(title=f"robust accuracy{at}")
-    return _layout(fig, "Clean vs robust accuracy: the fronts of LORE (ρ) and FARE-reg (λ)", 460, 720)
+    return _layout(fig, "Clean vs robust accuracy: each method's front along its knob", 460, 720)
 
 
-def rho_tradeoff(rows: Sequence[Mapping[str, Any]]) -> go.Figure:
-    """Clean acc, robust acc, cosine alignment and fidelity against ρ (LORE), FARE and the original as lines."""
-    lore = sorted((r for r in rows if r.get("method") == "lore"), key=lambda r: r["rho"])
-    if not lore:
-        raise ValueError("rho_tradeoff needs at least one LORE row (method 'lore' with a 'rho')")
+def knob_tradeoff(rows: Sequence[Mapping[str, Any]], method: str,
+                  references: Sequence[str] = (ORIGINAL,)) -> go.Figure:
+    """Clean acc, robust acc, cosine alignment and fidelity against `method`'s knob (LORE: ρ, the paper's
+    "controlling the trade-off"); the `references` (other methods, the original) as horizontal lines."""
+    field = knob(method)
+    pts = sorted((r for r in rows if r.get("method") == method and field), key=lambda r: r[field])
+    if not pts:
+        raise ValueError(f"knob_tradeoff needs rows of method {method!r} with its knob ({field})")
     metrics = (("clean_acc", "clean accuracy"), ("robust_acc", "robust accuracy"),
                ("cosine", "cosine alignment ↑"), ("fidelity", "embedding fidelity ‖Δφ‖²/‖φ0‖² ↓"))
     fig = make_subplots(rows=2, cols=2, subplot_titles=[m[1] for m in metrics], horizontal_spacing=0.1,
                         vertical_spacing=0.18)
-    rhos = [r["rho"] for r in lore]
-    span = [min(rhos), max(rhos)]
+    values = [r[field] for r in pts]
+    span = [min(values), max(values)]
     for i, (key, _) in enumerate(metrics):
         row, col = divmod(i, 2)
-        fig.add_scatter(x=rhos, y=[r[key] for r in lore], mode="lines+markers", name="LORE",
-                        line=dict(color=METHOD_COLORS["lore"]), showlegend=i == 0, row=row + 1, col=col + 1)
-        for method in ("fare", "original"):
-            ref = [r for r in rows if r.get("method") == method and r.get(key) is not None]
+        fig.add_scatter(x=values, y=[r[key] for r in pts], mode="lines+markers", name=method_name(method),
+                        line=dict(color=method_color(method)), showlegend=i == 0, row=row + 1, col=col + 1)
+        for other in references:
+            ref = [r for r in rows if r.get("method") == other and r.get(key) is not None]
             if ref:
-                fig.add_scatter(x=span, y=[ref[0][key]] * 2, mode="lines", name=method_name(method),
-                                line=dict(color=METHOD_COLORS[method], dash="dash"), showlegend=i == 0,
-                                legendgroup=method, row=row + 1, col=col + 1)
-    level = np.geomspace(span[0], span[1], 40) if span[0] > 0 else np.linspace(span[0], span[1], 40)
-    fig.add_scatter(x=level, y=level, mode="lines", name="y = ρ (constraint level)",
-                    line=dict(color="black", dash="dot"), row=2, col=2)
+                fig.add_scatter(x=span, y=[ref[0][key]] * 2, mode="lines", name=method_name(other),
+                                line=dict(color=method_color(other), dash="dash"), showlegend=i == 0,
+                                legendgroup=other, row=row + 1, col=col + 1)
+    if field == "rho":  # fidelity against the constraint level it bounds
+        level = np.geomspace(span[0], span[1], 40) if span[0] > 0 else np.linspace(span[0], span[1], 40)
+        fig.add_scatter(x=level, y=level, mode="lines", name="y = ρ (constraint level)",
+                        line=dict(color="black", dash="dot"), row=2, col=2)
+    symbol = METHODS[method].knob_label or field
     fig.update_xaxes(type="log")
-    fig.update_xaxes(title="ρ", row=2)
-    return _layout(fig, "Controlling the trade-off with ρ", 620, side_legend=True)
+    fig.update_xaxes(title=symbol, row=2)
+    return _layout(fig, f"Controlling the trade-off with {symbol}", 620, side_legend=True)
 
 
 # --------------------------------------------------------------------------- dynamics
@@ -297,7 +301,7 @@ def accuracy_over_steps(runs: Mapping[str, Sequence[Record]], *,
     """
     fig = make_subplots(rows=1, cols=2, subplot_titles=("clean accuracy", "robust accuracy"))
     for name, records in runs.items():
-        color = METHOD_COLORS.get(name.lower(), None)
+        color = method_color(name)
         for col, key in ((1, "clean_acc"), (2, "robust_acc")):
             steps, vals = _series(records, "eval", key)
             if initial is not None:
@@ -355,7 +359,7 @@ def robust_vs_eps(curves: Mapping[str, Mapping[float, float]], *,
         dash = ("solid", "dash", "dot", "dashdot")[seen.get(method, 0) % 4]
         seen[method] = seen.get(method, 0) + 1
         fig.add_scatter(x=eps, y=[acc[e] for e in eps], mode="lines+markers", name=name,
-                        line=dict(color=METHOD_COLORS.get(method), dash=dash))
+                        line=dict(color=method_color(method), dash=dash))
     fig.update_xaxes(title="evaluation ε (×1/255), 0 = clean")
     fig.update_yaxes(title="zero-shot accuracy", range=[0, 1.02])
     return _layout(fig, title, 440, 720)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -22,7 +21,12 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from .config import default_cache_dir
-from .models import TINY_MODEL  # importing models registers the lorekit-tiny config with open_clip
+from .rundir import atomic_write
+
+TINY_MODEL = "lorekit-tiny"
+TINY_TAG = "digits"
+# Model configs are data (open_clip style): registering the folder makes 'lorekit-tiny' a model name.
+open_clip.add_model_config(Path(__file__).parent / "model_configs")
 
 # One thread: float sums then do not depend on the machine's core count or the caller's thread setting,
 # so every machine of a kind pretrains the same bits and the notebooks' checked numbers hold everywhere.
@@ -100,8 +104,6 @@ def pretrained_tiny_checkpoint(cache_dir: str | Path | None = None) -> Path:
                 state = pretrain_tiny()
             finally:
                 torch.set_num_threads(threads)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(state, tmp)
-            os.replace(tmp, path)
+            atomic_write(path, lambda p: torch.save(state, p))
             print(f"lorekit: pretraining took {time.perf_counter() - start:.0f} s")
     return path

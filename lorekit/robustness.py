@@ -46,6 +46,7 @@ from .apgd import apgd, autoattack_custom, custom_attacks, frozen_parameters
 from .attacks import ce_attack_loss, pgd
 from .config import DEVICES, NORMS, ConfigError, check_choice, default_cache_dir, field_docs
 from .data import TORCHVISION_SETS
+from .rundir import atomic_write_text
 
 SANITY_CHECKS = ("monotone", "tiny_eps", "noise", "pgd", "zero_gradient")
 
@@ -138,14 +139,8 @@ def _eps_tag(eps: float) -> str:
     return f"eps{round(eps * 255, 4):g}"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
-    _atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -345,7 +340,7 @@ def evaluate_robustness(classifier: nn.Module, images: torch.Tensor, labels: tor
                "sanity_passed": passed, "sanity": sanity, "settings": settings, "out_dir": str(out),
                "machine": machine(),
                "seconds": {"total_this_session": time.perf_counter() - start, **timings}}
-    _atomic_write(out / "results.json", json.dumps(summary, indent=2))
+    atomic_write_text(out / "results.json", json.dumps(summary, indent=2))
     return summary
 
 
@@ -357,7 +352,7 @@ def _check_resume(path: Path, settings: dict[str, Any]) -> None:
             raise ConfigError(f"out_dir={str(path.parent)!r}: holds an evaluation with other settings (differing: "
                               f"{', '.join(diff)}); use another out_dir or delete it")
     else:
-        _atomic_write(path, json.dumps(settings, indent=2))
+        atomic_write_text(path, json.dumps(settings, indent=2))
 
 
 def _check_clean(path: Path, indices: list[int], labels: torch.Tensor, pred: torch.Tensor) -> None:
@@ -407,7 +402,7 @@ def _sanity(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, c
                         fooled[s:s + batch_size] = classifier(x_adv).argmax(1) != ys[s:s + batch_size]
             apgd_robust = robust[step][:m].to(fooled.device)
             saved.setdefault("pgd_only", {})[_eps_tag(step)] = int((fooled & apgd_robust).sum())
-        _atomic_write(path, json.dumps(saved, indent=2))
+        atomic_write_text(path, json.dumps(saved, indent=2))
     noise = {e: saved["noise_acc"][_eps_tag(e)] for e in robust}
     return {"monotone": check_monotone(clean_acc, robust_acc, n),
             "tiny_eps": check_tiny_eps(saved["tiny_clean_acc"], saved["tiny_acc"], m),
@@ -417,25 +412,19 @@ def _sanity(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, c
 
 
 def robust_eval(config: RobustEvalConfig, progress: bool = True) -> dict[str, Any]:
-    """Load the model and data named by the config, then `evaluate_robustness`; errors come first."""
-    from .data import fixed_subset, load_dataset, stack
-    from .models import ZeroShotClassifier, load_clip
+    """Load the model and data named by the config (lorekit.workbench), then `evaluate_robustness`."""
+    from .config import TrainConfig
+    from .workbench import setup
 
     config.validate()
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if config.device == "auto" else config.device)
-    clip = load_clip(config.model, config.pretrained, image_encoder=config.image_encoder or None,
-                     cache_dir=config.cache_dir, device=device)
-    root = config.data_root or str(Path(config.cache_dir) / "data")
-    bundle = load_dataset(config.dataset, root=root, image_size=clip.encoder.image_size[0])
-    indices = fixed_subset(len(bundle.test), config.n_samples, config.seed)
-    images, labels = stack(bundle.test, indices)
-    weights = clip.class_embeddings(bundle.classnames, bundle.templates, device)  # once, without grad
-    classifier = ZeroShotClassifier(clip.encoder, weights).eval()
+    bench = setup(TrainConfig(model=config.model, pretrained=config.pretrained, dataset=config.dataset,
+                              data_root=config.data_root, cache_dir=config.cache_dir, eval_samples=config.n_samples,
+                              device=config.device), subset_seed=config.seed)
+    encoder = bench.load_encoder(config.image_encoder) if config.image_encoder else bench.original
     meta = {"model": config.model, "pretrained": config.pretrained, "image_encoder": config.image_encoder,
             "dataset": config.dataset}
-    return evaluate_robustness(classifier, images.to(device), labels.to(device), config.eps, config.out_path,
-                               indices=indices, norm=config.norm, n_iter=config.n_iter,
+    return evaluate_robustness(bench.classifier(encoder).eval(), bench.images, bench.labels, config.eps,
+                               config.out_path, indices=bench.indices, norm=config.norm, n_iter=config.n_iter,
                                n_target_classes=config.n_target_classes, n_restarts=config.n_restarts,
                                batch_size=config.batch_size, chunk_size=config.chunk_size, seed=config.seed,
                                sanity_samples=config.sanity_samples, sanity_iter=config.sanity_iter,

@@ -1,15 +1,14 @@
-"""Running training from notebooks, live curves, and the ipywidgets controls of the training notebook.
+"""Live training curves and the ipywidgets controls of the training notebook.
 
-- `with_run_dir` / `train_or_reuse`: every notebook run lives in `<out_dir>/<tag>-<hash of the
-  config>`, so different settings never collide; a finished run with the same config is reused
-  only when asked (`reuse=True`), otherwise it is trained again from scratch (so a notebook's
-  numbers always come from the current code).
+(Notebook runs live in `<out_dir>/<run name>-<config hash>` (`lorekit.rundir.with_run_dir`), trained by
+`lorekit.train(cfg, existing="reuse" | "overwrite")`.)
+
 - `LiveCurves`: a trainer callback that draws the training curves live in a FigureWidget and,
   when training ends, replaces it with the final static figure. In JupyterLab the curves move
   while training runs; executed headlessly (papermill, nbval, nbconvert) the stored output is
   simply the final static figure.
-- `TrainingPanel`: controls for the main knobs (method, ρ, λ, ε, K, steps) and a Run button that
-  trains and updates a plotly FigureWidget live from the trainer callback. Nothing trains until
+- `TrainingPanel`: controls for the main knobs (method, ρ, λ, ε, K, steps) over a named recipe, and a
+  Run button that trains and updates a plotly FigureWidget live from the trainer callback. Nothing trains until
   the button is clicked, so executing the notebook headlessly only displays the controls.
 - `hover_explorer`: a FigureWidget next to an image pane that shows the hovered point's image
   (the data URIs `plots.umap_grid` stores in layout.meta['images']).
@@ -17,70 +16,23 @@
 
 from __future__ import annotations
 
-import hashlib
 import html
-import json
-import shutil
 import time
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import ipywidgets as W
 import plotly.graph_objects as go
 from IPython.display import display
 
-from .config import NON_SEMANTIC_FIELDS, ConfigError, TrainConfig
-from .plots import method_name, mime_bundle, training_curves, update_training_curves
-from .trainer import Trainer, build, finished_and_current, read_metrics
+from .config import ConfigError, TrainConfig
+from .methods import METHODS, label as method_name
+from .plots import mime_bundle, training_curves, update_training_curves
+from .recipes import recipe as make_recipe
+from .rundir import with_run_dir
+from .trainer import train
 
 Record = dict[str, Any]
-
-
-# --------------------------------------------------------------------------- runs
-def config_hash(cfg: TrainConfig) -> str:
-    """Short hash of the fields that make a run different (not run_dir, device, workers, ...)."""
-    semantic = {k: v for k, v in cfg.to_dict().items() if k not in NON_SEMANTIC_FIELDS}
-    return hashlib.sha1(json.dumps(semantic, sort_keys=True).encode()).hexdigest()[:8]
-
-
-def with_run_dir(cfg: TrainConfig, out_dir: str | Path) -> TrainConfig:
-    """`cfg` with run_dir = <out_dir>/<method-eps-seed[-rho|-lam]>-<config hash>, validated."""
-    cfg = replace(cfg, run_dir="").validate()
-    return replace(cfg, run_dir=str(Path(out_dir) / f"{cfg.run_path.name}-{config_hash(cfg)}"))
-
-
-def train_or_reuse(cfg: TrainConfig, callback: Callable[[Record], None] | None = None, *, reuse: bool = False,
-                   progress: bool = False, on_build: Callable[[Trainer], None] | None = None) -> Record:
-    """Train `cfg` (its run_dir set, e.g. by `with_run_dir`) and return the run's summary.
-
-    reuse=True: a finished run with the same config, fine-tuned from the same base weights, is read
-    back (its records are replayed to `callback`), an unfinished one is resumed. reuse=False: an existing run in run_dir is
-    deleted and trained again. `on_build(trainer)` runs before training (e.g. `LambdaProbe.attach`).
-    """
-    if not cfg.run_dir:
-        raise ConfigError("run_dir='': set it first (lorekit.widgets.with_run_dir)")
-    run, resume = cfg.run_path, False
-    if run.exists():
-        if any(run.iterdir()) and not (run / "config.json").is_file():
-            raise ConfigError(f"run_dir={str(run)!r} exists and is not a lorekit run; refusing to delete it")
-        if reuse and (run / "summary.json").is_file():
-            saved = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
-            if config_hash(saved) != config_hash(cfg):
-                raise ConfigError(f"run_dir={str(run)!r} holds a run with a different config; choose another run_dir")
-        if reuse and finished_and_current(cfg):
-            if callback is not None:
-                for record in read_metrics(run):
-                    callback(record)
-            return json.loads((run / "summary.json").read_text())
-        # A finished run that is not current (other base weights) is trained again, not resumed.
-        resume = reuse and (run / "checkpoint.pt").is_file() and not (run / "summary.json").is_file()
-        if not resume:
-            shutil.rmtree(run)
-    trainer, _ = build(replace(cfg, resume=resume))
-    if on_build is not None:
-        on_build(trainer)
-    return trainer.fit(callback, progress=progress)
 
 
 # --------------------------------------------------------------------------- live curves
@@ -134,56 +86,70 @@ def _log_steps(value: float, low: int, high: int) -> list[float]:
     return sorted(steps)
 
 
-class TrainingPanel(W.VBox):
-    """Controls for method, ρ, λ, ε, K and steps; Run trains `base` with them and plots live."""
+def constraint_level(cfg: TrainConfig) -> float | None:
+    """ρ where the method constrains to it (drawn on the distance panel), else None."""
+    return cfg.rho if "rho" in METHODS[cfg.method].fields else None
 
-    def __init__(self, base: TrainConfig, out_dir: str | Path, *, reuse: bool = False,
-                 interval_s: float = 0.5) -> None:
-        self.base, self.out_dir, self.reuse, self.interval_s = base.validate(), Path(out_dir), reuse, interval_s
+
+class TrainingPanel(W.VBox):
+    """Controls for method, ρ, λ, ε, K and steps over a named recipe; Run trains with them and plots live."""
+
+    def __init__(self, recipe: str, out_dir: str | Path, *, overrides: dict[str, Any] | None = None,
+                 reuse: bool = False, interval_s: float = 0.5) -> None:
+        self.recipe, self.overrides = recipe, {k: v for k, v in (overrides or {}).items() if v is not None}
+        self.out_dir, self.reuse, self.interval_s = Path(out_dir), reuse, interval_s
+        base = self._config()
         style = {"description_width": "90px"}
-        methods = [(method_name(m), m) for m in ("fare", "fare-reg", "lore")]
-        start = base.method if base.method in dict(methods).values() else "lore"
-        self.method = W.Dropdown(options=methods, value=start, description="method", style=style)
-        self.rho = W.SelectionSlider(options=_log_steps(base.rho, -3, 0), value=base.rho, description="ρ (LORE)",
+        self.method = W.Dropdown(options=[(m.label, name) for name, m in METHODS.items()], value=base.method,
+                                 description="method", style=style)
+        self.rho = W.SelectionSlider(options=_log_steps(base.rho, -3, 0), value=base.rho, description="ρ",
                                      style=style)
-        self.lam = W.SelectionSlider(options=_log_steps(base.lam, -2, 2), value=base.lam, description="λ (FARE-reg)",
+        self.lam = W.SelectionSlider(options=_log_steps(base.lam, -2, 2), value=base.lam, description="λ",
                                      style=style)
         self.eps = W.FloatSlider(value=round(base.eps * 255, 1), min=0.5, max=16, step=0.5, description="ε ×1/255",
                                  style=style)
-        self.primal_steps = W.IntSlider(value=base.primal_steps, min=1, max=10, description="K (LORE)", style=style)
+        self.primal_steps = W.IntSlider(value=base.updates_per_batch, min=1, max=10, description="K", style=style)
         self.steps = W.IntSlider(value=base.steps, min=1, max=max(500, base.steps), description="steps", style=style)
         self.run_button = W.Button(description="Run", button_style="primary", icon="play")
         self.status = W.HTML(value="Set the knobs, then click <b>Run</b>.")
-        self.figure = go.FigureWidget(training_curves([], rho=base.rho, title="Training (panel)"))
+        self.figure = go.FigureWidget(training_curves([], rho=constraint_level(base), title="Training (panel)"))
         self.figure.layout.width = 1050  # a FigureWidget does not follow the output's width
-        self.summary: Record | None = None
+        self.summary: dict[str, Any] | None = None
         self.run_button.on_click(lambda _: self.run())
-        self.method.observe(lambda _: self._show_relevant(), names="value")
+        self.method.observe(lambda _: self._method_changed(), names="value")
         self._show_relevant()
         controls = W.HBox([W.VBox([self.method, self.rho, self.lam]), W.VBox([self.eps, self.primal_steps, self.steps]),
                            W.VBox([self.run_button])])
         super().__init__([controls, self.status, self.figure])
 
+    def _config(self, method: str | None = None, **knobs: Any) -> TrainConfig:
+        given = {k: v for k, v in self.overrides.items() if k != "method"}
+        return make_recipe(self.recipe, method or self.overrides.get("method"), **{**given, **knobs})
+
+    def _method_changed(self) -> None:
+        self.primal_steps.value = self._config(self.method.value).updates_per_batch  # the recipe's K for it
+        self._show_relevant()
+
     def _show_relevant(self) -> None:
-        self.rho.layout.display = None if self.method.value == "lore" else "none"
-        self.primal_steps.layout.display = None if self.method.value == "lore" else "none"
-        self.lam.layout.display = None if self.method.value == "fare-reg" else "none"
+        fields = METHODS[self.method.value].fields
+        self.rho.layout.display = None if "rho" in fields else "none"
+        self.lam.layout.display = None if "lam" in fields else "none"
 
     def config(self) -> TrainConfig:
-        """The base config with the controls' values, its run_dir under out_dir."""
-        cfg = replace(self.base, method=self.method.value, rho=float(self.rho.value), lam=float(self.lam.value),
-                      eps=float(self.eps.value) / 255, primal_steps=int(self.primal_steps.value),
-                      steps=int(self.steps.value))
+        """The recipe with the controls' values, its run_dir under out_dir."""
+        cfg = self._config(self.method.value, rho=float(self.rho.value), lam=float(self.lam.value),
+                           eps=float(self.eps.value) / 255, primal_steps=int(self.primal_steps.value),
+                           steps=int(self.steps.value))
         return with_run_dir(cfg, self.out_dir)
 
-    def run(self) -> Record | None:
+    def run(self) -> dict[str, Any] | None:
         """Train with the current controls, redrawing the FigureWidget from the trainer callback."""
         self.run_button.disabled = True
         records: list[Record] = []
         last = [0.0]
         try:
             cfg = self.config()
-            rho = cfg.rho if cfg.method == "lore" else None
+            rho = constraint_level(cfg)
             update_training_curves(self.figure, records, rho=rho)  # clear the previous run's curves
 
             def on_record(record: Record) -> None:
@@ -194,7 +160,8 @@ class TrainingPanel(W.VBox):
                     last[0] = time.monotonic()
 
             self.status.value = f"training {method_name(cfg.method)} in {html.escape(str(cfg.run_path))} ..."
-            self.summary = train_or_reuse(cfg, on_record, reuse=self.reuse)
+            self.summary = train(cfg, existing="reuse" if self.reuse else "overwrite", callback=on_record,
+                                 progress=False)
             update_training_curves(self.figure, records, rho=rho)
             final = self.summary["final"]
             shown = ", ".join(f"{k} {final[k]:.3f}" for k in ("clean_acc", "robust_acc", "cosine", "fidelity")

@@ -32,3 +32,12 @@ def tiny_cfg(tmp_path: Path):
 
     return TrainConfig(steps=4, batch_size=16, attack_steps=2, primal_steps=2, eval_every=2, eval_samples=32,
                        checkpoint_every=2, lr=1e-4, run_dir=str(tmp_path / "run"))
+
+
+@pytest.fixture
+def one_thread():
+    """Training tests on one torch thread: two threads on a busy 2-core machine can be many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

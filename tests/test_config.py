@@ -28,7 +28,7 @@ def test_papermill_style_strings_and_numpy_scalars_are_cast():
     ("rho", "abc", "rho='abc': must be a finite number"),
     ("eps", 0.0, "eps=0.0: must lie in \\(0, 1\\]"),
     ("eps", 8.0, "eps=8.0: must lie in \\(0, 1\\]"),
-    ("primal_steps", 0, "primal_steps=0: K must be an integer >= 1"),
+    ("primal_steps", -1, "primal_steps=-1: K must be an integer >= 1, or 0 for the method's default"),
     ("method", "fair", "method='fair': must be one of fare, fare-reg, lore, tecoa"),
     ("batch_size", 0, "batch_size=0: must be an integer >= 1"),
     ("steps", 2.5, "steps=2.5: must be an integer"),
@@ -57,7 +57,7 @@ def test_cli_help_shows_field_docs(tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["--rho", "-1"], "rho=-1.0"),
     (["--eps", "1.5"], "eps=1.5"),
-    (["--primal-steps", "0"], "primal_steps=0"),
+    (["--primal-steps", "-1"], "primal_steps=-1"),
     (["--method", "nope"], "method='nope'"),
     (["--batch-size", "0"], "batch_size=0"),
     (["--model", "ViT-Nope"], "model='ViT-Nope'"),

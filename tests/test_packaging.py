@@ -36,3 +36,40 @@ def test_readme_performance_section_is_what_bench_report_renders():
     spec.loader.exec_module(report)
     assert report.readme_section((ROOT / "README.md").read_text()) == report.render(), (
         "README.md's performance section is stale: run `python bench/report.py --write`")
+
+
+def _third_party_imports(paths) -> set[str]:
+    import ast
+
+    names = set()
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return {n for n in names if n not in sys.stdlib_module_names and n != "lorekit"}
+
+
+def _distribution(requirement: str) -> str:
+    return re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_dependencies_are_what_lorekit_imports():
+    """Runtime dependencies are the distributions lorekit/ imports; the notebook support modules' imports are in the
+    notebooks extra; the cross-check's pyautoattack is a test dependency only."""
+    from importlib.metadata import packages_distributions
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = {_distribution(r) for r in project["dependencies"]}
+    extras = {k: {_distribution(r) for r in v} for k, v in project["optional-dependencies"].items()}
+    provided = {k: {d.lower().replace("_", "-") for d in v} for k, v in packages_distributions().items()}
+    imports = _third_party_imports((ROOT / "lorekit").rglob("*.py"))
+    for name in sorted(imports):
+        dists = provided.get(name, {name})
+        assert dists & (core | extras["notebooks"]), f"lorekit imports {name!r} ({dists}), declared nowhere"
+    used = set().union(*(provided.get(n, {n}) for n in imports))
+    data_only = {"clip-benchmark"}  # read as package data (class names, templates), never imported
+    assert core - used == data_only, f"declared but not imported by lorekit/: {core - used - data_only}"
+    assert "pyautoattack" in extras["test"] and "pyautoattack" not in core and "pyautoattack" not in imports
+    assert any(r.startswith("open_clip_torch") and "<4" in r for r in project["dependencies"])

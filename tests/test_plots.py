@@ -6,7 +6,6 @@ import json
 import re
 import shutil
 import struct
-from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,7 +16,6 @@ import torch
 from PIL import Image
 
 from lorekit import interpret, plots, widgets
-from lorekit.config import ConfigError
 from lorekit.dual import DualNet
 from lorekit.toy import ToyProblem, cosine_bound_check, solve_penalty, solve_primal_dual
 
@@ -34,15 +32,6 @@ def _records(method="lore", steps=4, eval_every=2):
             out.append({"kind": "eval", "step": s, "clean_acc": 0.9, "robust_acc": 0.1 * s, "cosine": 0.99,
                         "fidelity": 0.02})
     return out
-
-
-@pytest.fixture
-def one_thread():
-    """Training tests on one torch thread: two threads on a busy 2-core machine can be many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _trace(fig, name):
@@ -121,8 +110,8 @@ def test_save_png_through_kaleido(tmp_path):
     assert (width, height) == (2 * 720, 2 * 460)  # the layout's size at scale 2
 
 
-def test_rho_tradeoff_panels_and_reference_lines():
-    fig = plots.rho_tradeoff(_sweep_rows())
+def test_knob_tradeoff_panels_and_reference_lines():
+    fig = plots.knob_tradeoff(_sweep_rows(), "lore", references=("fare", "original"))
     lore = [t for t in fig.data if t.name == "LORE"]
     assert len(lore) == 4 and list(lore[0].x) == [0.01, 0.1, 0.3]
     np.testing.assert_allclose([list(t.y) for t in lore], [[0.94, 0.85, 0.65], [0.41, 0.5, 0.7], [0.99, 0.9, 0.7],
@@ -130,8 +119,8 @@ def test_rho_tradeoff_panels_and_reference_lines():
     fare = [t for t in fig.data if t.name == "FARE"]
     assert len(fare) == 4 and list(fare[0].y) == [0.85, 0.85] and list(fare[0].x) == [0.01, 0.3]
     assert fig.layout.xaxis.type == "log"
-    with pytest.raises(ValueError, match="LORE"):
-        plots.rho_tradeoff([r for r in _sweep_rows() if r["method"] != "lore"])
+    with pytest.raises(ValueError, match="'lore' with its knob \\(rho\\)"):
+        plots.knob_tradeoff([r for r in _sweep_rows() if r["method"] != "lore"], "lore")
 
 
 def test_accuracy_over_steps_starts_at_the_original():
@@ -226,7 +215,8 @@ def test_text_alignment_own_other_and_per_template():
 
 def test_lambda_probe_records_step_zero_and_every_step():
     dual = DualNet("mlp", 4, hidden=8, lambda_init=2.0)
-    trainer = SimpleNamespace(dual=dual, reference=torch.nn.Identity(), device=torch.device("cpu"), step=0)
+    trainer = SimpleNamespace(method=SimpleNamespace(multipliers=dual), reference=torch.nn.Identity(),
+                              device=torch.device("cpu"), step=0)
     probe = interpret.LambdaProbe(torch.randn(5, 4), every=2)
     probe.attach(trainer)
     np.testing.assert_allclose(probe.snapshots[0], 2.0, rtol=1e-5)  # λ_init everywhere
@@ -238,7 +228,7 @@ def test_lambda_probe_records_step_zero_and_every_step():
     assert sorted(probe.snapshots) == [0, 2, 4]
     np.testing.assert_allclose(probe.snapshots[4], np.log(2.0), rtol=1e-5)  # softplus(0)
     fare = interpret.LambdaProbe(torch.randn(5, 4))
-    fare.attach(SimpleNamespace(dual=None))
+    fare.attach(SimpleNamespace(method=SimpleNamespace()))  # a method without a learned multiplier
     fare({"kind": "train", "step": 1})
     assert fare.snapshots == {}
     with pytest.raises(ValueError):
@@ -265,36 +255,6 @@ def test_encoder_views_and_umap_layout_are_reproducible(tiny_clip, digits_bundle
 
 
 # --------------------------------------------------------------------------- widgets
-def test_run_dirs_depend_on_the_config_not_on_where_it_runs(tiny_cfg, tmp_path):
-    cfg = widgets.with_run_dir(tiny_cfg, tmp_path / "out")
-    assert cfg.run_dir.startswith(str(tmp_path / "out" / "lore-eps4-seed0-rho0.1-"))
-    assert widgets.config_hash(replace(cfg, device="cpu", run_dir="elsewhere")) == widgets.config_hash(cfg)
-    assert widgets.with_run_dir(replace(tiny_cfg, rho=0.2), tmp_path / "out").run_dir != cfg.run_dir
-
-
-def test_train_or_reuse_trains_reuses_and_retrains(tiny_cfg, tmp_path, one_thread):
-    cfg = widgets.with_run_dir(replace(tiny_cfg, steps=2, eval_every=0), tmp_path)
-    seen = []
-    first = widgets.train_or_reuse(cfg, seen.append)
-    assert [r["kind"] for r in seen] == ["train", "train", "eval"]
-    encoder = cfg.run_path / "encoder.pt"
-    stamp = encoder.stat().st_mtime_ns
-    replayed = []
-    again = widgets.train_or_reuse(cfg, replayed.append, reuse=True)
-    assert again == first and encoder.stat().st_mtime_ns == stamp  # read back, not retrained
-    assert [r["step"] for r in replayed] == [r["step"] for r in seen]
-    fresh = widgets.train_or_reuse(cfg)  # reuse=False: trained again from scratch
-    assert fresh["final"] == pytest.approx(first["final"]) and encoder.stat().st_mtime_ns != stamp
-    stranger = tmp_path / "not-a-run"
-    stranger.mkdir()
-    (stranger / "notes.txt").write_text("keep me")
-    with pytest.raises(ConfigError, match="not a lorekit run"):
-        widgets.train_or_reuse(replace(cfg, run_dir=str(stranger)))
-    assert (stranger / "notes.txt").exists()
-    with pytest.raises(ConfigError, match="run_dir"):
-        widgets.train_or_reuse(replace(cfg, run_dir=""))
-
-
 def test_live_curves_draw_live_then_leave_a_static_figure(monkeypatch):
     shown = []
 
@@ -325,18 +285,22 @@ def test_live_curves_draw_live_then_leave_a_static_figure(monkeypatch):
     assert isinstance(widgets.LiveCurves().finish(), go.Figure)  # never shown: just the figure
 
 
-def test_training_panel_maps_controls_to_a_config_and_runs(tiny_cfg, tmp_path, one_thread):
-    panel = widgets.TrainingPanel(replace(tiny_cfg, steps=2, eval_every=1), tmp_path)
-    panel.method.value, panel.eps.value, panel.primal_steps.value = "fare-reg", 2.0, 3
-    panel.lam.value = 10.0
+def test_training_panel_maps_controls_to_a_config_and_runs(tmp_path, one_thread):
+    small = dict(steps=2, eval_every=1, batch_size=16, attack_steps=2, eval_samples=32, lr=1e-4)
+    panel = widgets.TrainingPanel("tiny", tmp_path, overrides=small)
+    assert panel.method.value == "lore" and panel.primal_steps.value == 2  # the recipe's K for LORE
+    panel.method.value = "fare-reg"
+    assert panel.primal_steps.value == 1  # the recipe leaves FARE-reg at its default K
+    panel.eps.value, panel.primal_steps.value, panel.lam.value = 2.0, 3, 10.0
     cfg = panel.config()
     assert (cfg.method, cfg.eps, cfg.lam, cfg.primal_steps, cfg.steps) == ("fare-reg", 2 / 255, 10.0, 3, 2)
     assert cfg.run_dir.startswith(str(tmp_path))
     assert panel.rho.layout.display == "none" and panel.lam.layout.display is None
     summary = panel.run()
     assert summary["method"] == "fare-reg" and "done" in panel.status.value and not panel.run_button.disabled
-    assert len(_trace(panel.figure, "clean acc").x) == 2 and len(_trace(panel.figure, "clean term (FARE-reg)").x) == 2
-    panel.base = replace(panel.base, batch_size=10_000)  # larger than the training set: a ConfigError, shown
+    assert summary["ledger"]["updates"] == 2 * 3
+    assert len(_trace(panel.figure, "clean acc").x) == 2 and len(_trace(panel.figure, "clean term").x) == 2
+    panel.overrides["batch_size"] = 10_000  # larger than the training set: a ConfigError, shown
     assert panel.run() is None and "batch_size" in panel.status.value and not panel.run_button.disabled
 
 

@@ -327,7 +327,7 @@ def test_make_sweep_parameters_are_notebook_3_parameters_and_valid_configs():
     right type there (papermill only warns on unknown names), and every point a valid training config."""
     import yaml
 
-    from lorekit.config import TrainConfig
+    from lorekit.recipes import recipe
 
     params = yaml.safe_load((REPO / "notebooks" / "params" / "rho_front.yaml").read_text())
     known = notebook_parameters(REPO / "notebooks" / "03_rho_sweep.ipynb")
@@ -337,7 +337,6 @@ def test_make_sweep_parameters_are_notebook_3_parameters_and_valid_configs():
         assert isinstance(value, types[known[name]["type"]]), (name, value, known[name]["type"])
     assert params["reuse"] is True  # a re-run after a kill must finish the sweep, not start it over
     assert len(params["rhos"]) >= 5 and params["lams"] and params["fare"]
-    common = {k: params[k] for k in ("eps", "primal_steps", "attack_steps", "steps", "batch_size", "lr", "dual_lr")}
     for point in [{"method": "lore", "rho": r} for r in params["rhos"]] + [
             {"method": "fare-reg", "lam": lam} for lam in params["lams"]] + [{"method": "fare"}]:
-        TrainConfig(**common, **point).validate()
+        recipe(params["recipe"], **point)  # validates

@@ -1,0 +1,100 @@
+"""The method interface: a training objective as a small object that the loop drives without knowing which.
+
+Per batch the loop computes the reference embeddings φθ0(x) and hands the method a `Batch`. The method
+says what its attack maximises (`attack_loss`; `adversarial` turns that into the adversarial batch,
+PGD by default), then `update` makes its encoder updates through `ctx.primal_step` and returns what it
+optimised as an `Update`. A method's own state (LORE's dual network) goes into checkpoints through
+`state_dict` / `load_state_dict`. `label` and `knob` name it in tables, plots and run names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager
+
+import torch
+from torch import nn
+
+from ..attacks import LossFn, embedding_attack_loss
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
+
+
+@dataclass
+class Batch:
+    """One training batch: clean images in [0,1], labels, φθ0(x), and the adversarial images once made."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    ref: torch.Tensor
+    x_adv: torch.Tensor | None = None
+
+
+@dataclass
+class Update:
+    """What one batch's update optimised, for the telemetry.
+
+    losses: 'loss' (the objective of the last update) and its terms, logged as loss and loss_<term>.
+    stats: more telemetry; a 1-D per-sample tensor is logged as <name>_mean and quantiles <name>_q10/50/90.
+    clean: φθ(x) from the update's own forward, so the loop needs no extra forward to log fidelity.
+    """
+
+    losses: dict[str, torch.Tensor]
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    clean: torch.Tensor | None = None
+
+
+@dataclass
+class Context:
+    """What the loop lends a method: the encoder, its zero-shot head, precision, and the primal step."""
+
+    cfg: "TrainConfig"
+    encoder: nn.Module  # φθ itself: attacks and evaluation run through it
+    trained: nn.Module  # the module the update runs through (φθ, or its DistributedDataParallel wrapper)
+    head: nn.Module | None  # zero-shot classifier on φθ (None without class embeddings)
+    trained_head: nn.Module | None  # the same head on `trained`
+    embed_dim: int
+    device: torch.device
+    autocast: Callable[[], ContextManager[Any]]
+    primal_step: Callable[[torch.Tensor], None]  # one encoder update on a loss: backward, AdamW step, schedule
+    reduce_gradients: Callable[[nn.Module], None] = lambda module: None  # averages a method's own gradients over ranks
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """φθ(images) through the trained module, as float32."""
+        with self.autocast():
+            return self.trained(images).float()
+
+
+class Method:
+    """Base class of the training objectives; subclasses live in one module each (see the registry)."""
+
+    name: ClassVar[str]
+    label: ClassVar[str]  # in tables, legends and titles
+    color: ClassVar[str] = "#7f7f7f"  # in figures
+    knob: ClassVar[str | None] = None  # the config field that moves it along its clean-vs-robust front
+    knob_label: ClassVar[str] = ""  # the knob's symbol in figures (ρ, λ)
+    fields: ClassVar[tuple[str, ...]] = ()  # the config fields only this method reads
+    primal_steps: ClassVar[int] = 1  # K, encoder updates per adversarial batch, when the config leaves it 0
+    needs_head: ClassVar[bool] = False  # needs class embeddings (a zero-shot head) to train
+
+    def __init__(self, cfg: "TrainConfig", ctx: Context) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        self.k = cfg.primal_steps or self.primal_steps
+
+    def attack_loss(self, batch: Batch) -> LossFn:
+        """What the attack maximises; by default the embedding distance ‖φθ(x+δ) − φθ0(x)‖²."""
+        return embedding_attack_loss(self.ctx.encoder, batch.ref)
+
+    def adversarial(self, batch: Batch, pgd: Callable[[LossFn], torch.Tensor]) -> torch.Tensor:
+        """The adversarial batch; `pgd(loss_fn)` runs the configured attack on the encoder in eval mode."""
+        return pgd(self.attack_loss(batch))
+
+    def update(self, batch: Batch) -> Update:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

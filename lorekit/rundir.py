@@ -1,0 +1,208 @@
+"""Run directories: how a run is laid out on disk, written, checked, resumed, reused and read back.
+
+    config.json     the validated TrainConfig, written first
+    metrics.jsonl   one JSON record per training step, plus periodic and final 'eval' records
+    checkpoint.pt   everything needed to resume, rewritten every `checkpoint_every` steps
+    encoder.pt      the fine-tuned image encoder's state dict, written at the end
+    summary.json    final evaluation, compute ledger, base weights; its presence means "finished"
+
+Every file is written atomically (a temporary file in the same folder, then a rename), so neither a
+reader nor a resumed run ever sees half a file. What to do with a run directory that already holds a
+run is one decision, `prepare(cfg, existing)`, shared by the command line, the notebooks and the demo.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+from .config import NON_SEMANTIC_FIELDS, ConfigError, TrainConfig, config_diff
+
+Record = dict[str, Any]
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+CHECKPOINT = "checkpoint.pt"
+ENCODER = "encoder.pt"
+SUMMARY = "summary.json"
+
+# What `prepare` does with a run directory that already holds a run:
+#   error      refuse, unless cfg.resume continues that same run (the command line's default)
+#   reuse      read a finished run back if it is current, resume an unfinished one, else start over
+#   overwrite  delete it and start over (a notebook re-run that must reflect the current code)
+EXISTING = ("error", "reuse", "overwrite")
+
+
+# ----------------------------------------------------------------------------- atomic files
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp)` on a temporary file next to `path`, then rename it over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda p: p.write_text(text))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON in `path`; a ConfigError naming the file when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: cannot read JSON ({type(e).__name__}: {e})") from None
+
+
+# ----------------------------------------------------------------------------- naming
+def config_hash(cfg: TrainConfig) -> str:
+    """Short hash of the fields that make a run different (not run_dir, device, workers, ...)."""
+    semantic = {k: v for k, v in cfg.to_dict().items() if k not in NON_SEMANTIC_FIELDS}
+    return hashlib.sha1(json.dumps(semantic, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def with_run_dir(cfg: TrainConfig, out_dir: str | Path) -> TrainConfig:
+    """`cfg` with run_dir = <out_dir>/<default run name>-<config hash>, so two configs never share a folder."""
+    cfg = replace(cfg, run_dir="").validate()
+    return replace(cfg, run_dir=str(Path(out_dir) / f"{cfg.run_path.name}-{config_hash(cfg)}"))
+
+
+# ----------------------------------------------------------------------------- state of a run
+def is_finished(run: str | Path) -> bool:
+    return (Path(run) / SUMMARY).is_file()
+
+
+def finished_and_current(cfg: TrainConfig) -> bool:
+    """Whether cfg.run_dir holds a finished run of exactly `cfg`, fine-tuned from the weights that
+    cfg.model / cfg.pretrained name today (not, say, an earlier pretraining of the embedded model)."""
+    from .models import weights_id
+
+    run = cfg.run_path
+    try:
+        saved = json.loads((run / CONFIG).read_text())
+        summary = json.loads((run / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return False
+    return not config_diff(saved, cfg.to_dict()) and (
+        summary.get("base_weights") == weights_id(cfg.model, cfg.pretrained, cfg.cache_dir))
+
+
+def check(cfg: TrainConfig) -> None:
+    """Refuse a run directory that already holds a run, unless resuming that same run."""
+    cfg_path = cfg.run_path / CONFIG
+    if not cfg_path.exists():
+        if cfg.resume:
+            raise ConfigError(f"resume=True: run_dir={str(cfg.run_path)!r} holds no run (no {CONFIG})")
+        return
+    try:
+        saved = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"run_dir={str(cfg.run_path)!r}: {CONFIG} is corrupt ({e})") from None
+    diff = config_diff(saved, cfg.to_dict())
+    if diff:
+        detail = ", ".join(f"{k}: saved {saved.get(k)!r} vs {getattr(cfg, k, None)!r}" for k in diff)
+        raise ConfigError(f"run_dir={str(cfg.run_path)!r} already holds a run with a different config ({detail}); "
+                          "choose another run_dir")
+    if not cfg.resume:
+        raise ConfigError(f"run_dir={str(cfg.run_path)!r} already holds this run; pass resume=True (--resume) "
+                          "to continue it, or choose another run_dir")
+
+
+def remove(run: str | Path) -> None:
+    """Delete a run directory, refusing anything that does not look like one."""
+    run = Path(run)
+    if not run.exists():
+        return
+    if any(run.iterdir()) and not (run / CONFIG).is_file():
+        raise ConfigError(f"run_dir={str(run)!r} exists and is not a lorekit run (no {CONFIG}); refusing to delete it")
+    shutil.rmtree(run)
+
+
+def prepare(cfg: TrainConfig, existing: str = "error") -> tuple[TrainConfig, Record | None]:
+    """Make cfg.run_dir ready for `cfg` under the `existing` policy (see EXISTING).
+
+    Returns the config to train (its `resume` set when an unfinished run continues) and, when a finished
+    current run is reused, that run's summary (then there is nothing to train).
+    """
+    if existing not in EXISTING:
+        raise ConfigError(f"existing={existing!r}: must be one of {', '.join(EXISTING)}")
+    run = cfg.run_path
+    if existing == "error":
+        check(cfg)
+        return cfg, None
+    if existing == "reuse":
+        if finished_and_current(cfg):
+            return cfg, read_json(run / SUMMARY)
+        same = (run / CONFIG).is_file() and not config_diff(read_json(run / CONFIG), cfg.to_dict())
+        if same and (run / CHECKPOINT).is_file() and not is_finished(run):
+            return replace(cfg, resume=True), None
+    remove(run)
+    return replace(cfg, resume=False), None
+
+
+def start(cfg: TrainConfig) -> None:
+    """Create the run directory of a new run: its config, and an empty metrics file."""
+    run = cfg.run_path
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run / CONFIG, cfg.to_dict())
+    (run / METRICS).write_text("")
+
+
+# ----------------------------------------------------------------------------- metrics
+def read_metrics(run: str | Path) -> list[Record]:
+    """All records of a run's metrics.jsonl (train and eval), in order."""
+    path = Path(run) / METRICS
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def truncate_metrics(run: str | Path, step: int, final_step: int) -> None:
+    """Drop records past the checkpoint, and the final evaluation: the resumed run writes those again."""
+    path = Path(run) / METRICS
+    if not path.exists():
+        return
+
+    def keep_record(r: Record) -> bool:
+        return r["step"] < step or (r["step"] == step and not (r["kind"] == "eval" and step == final_step))
+
+    keep = [line for line in path.read_text().splitlines() if line and keep_record(json.loads(line))]
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+# ----------------------------------------------------------------------------- reading a run back
+class LoadedRun(NamedTuple):
+    """A finished run: its config, the fine-tuned model, and the frozen original image encoder."""
+
+    cfg: TrainConfig
+    clip: Any  # models.LoadedCLIP with the fine-tuned image tower
+    original: Any  # the frozen φθ0
+
+
+def read_config(run_dir: str | Path) -> TrainConfig:
+    """The validated config a run directory was trained with."""
+    run = Path(run_dir)
+    if not (run / CONFIG).is_file():
+        raise ConfigError(f"run={str(run)!r}: not a run directory (no {CONFIG})")
+    return TrainConfig.from_dict(read_json(run / CONFIG))
+
+
+def load_run(run_dir: str | Path, device: Any = "cpu") -> LoadedRun:
+    """(config, fine-tuned LoadedCLIP, frozen original encoder) of a finished run directory."""
+    from .models import frozen_copy, load_clip
+
+    run = Path(run_dir)
+    cfg = read_config(run)
+    tuned = load_clip(cfg.model, cfg.pretrained, image_encoder=run / ENCODER, cache_dir=cfg.cache_dir, device=device)
+    original = load_clip(cfg.model, cfg.pretrained, cache_dir=cfg.cache_dir, device=device).encoder
+    return LoadedRun(cfg, tuned, frozen_copy(original))
