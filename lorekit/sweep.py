@@ -538,7 +538,9 @@ def resolve_devices(devices: str | Sequence[str | int] | None) -> list[str] | No
         return visible_devices()[0] or None
     if isinstance(devices, str):
         ids = [d.strip() for d in devices.split(",")]
-    elif isinstance(devices, Sequence) and all(isinstance(d, (str, int)) and not isinstance(d, bool) for d in devices):
+    elif isinstance(devices, Sequence) and all(
+        isinstance(d, (str, numbers.Integral)) and not isinstance(d, bool) for d in devices
+    ):
         ids = [str(d).strip() for d in devices]
     else:
         raise SweepError(f"devices must be 'auto', ids like '0,1,2,3', or a list of ids; got {devices!r}")

@@ -403,6 +403,8 @@ def test_visible_devices_and_auto(monkeypatch):
     assert sweep.visible_devices() == (["GPU-aa", "MIG-bb"], "CUDA_VISIBLE_DEVICES")
     assert sweep.resolve_devices("auto") == ["GPU-aa", "MIG-bb"]
     assert sweep.resolve_devices(["MIG-bb"]) == ["MIG-bb"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    assert sweep.resolve_devices([np.int64(2), 0]) == ["2", "0"] and sweep.resolve_devices(" 1 ,2") == ["1", "2"]
     assert sweep.resolve_devices(None) is None and sweep.resolve_devices("") is None  # "": a notebook's unset str
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert sweep.resolve_devices("auto") is None  # no device: CPU workers, as without devices
