@@ -1,8 +1,8 @@
-"""Parameter sweeps over notebooks: run a papermill notebook once per point of a grid, in worker processes.
+"""Parameter sweeps over notebooks: run a papermill notebook once per point of a grid, in worker processes or jobs.
 
 Layout written by :func:`run_sweep`::
 
-    <out_root>/<sweep>/index.json                 notebook, base parameters, every point's run id/status/wall time
+    <out_root>/<sweep>/index.json                 notebook, base parameters, every point's run id/status/job id
     <out_root>/<sweep>/<run-id>/<notebook>.ipynb  the executed notebook (kept on failure; never widget state)
     <out_root>/<sweep>/<run-id>/result.json       status, parameters, wall time, error, the notebook's own results
     <out_root>/<sweep>/<run-id>/...               anything else the notebook writes: it runs with cwd = its run dir
