@@ -1,5 +1,6 @@
 # Two entry points (see README): `make demo` and `make test`. Both create .venv on first use.
-# `make sweep` runs notebook 3's ρ sweep on the embedded default (notebooks/params/rho_front.yaml).
+# `make sweep` runs notebook 3's ρ sweep on the embedded default (notebooks/params/rho_front.yaml);
+# `make sweep DEVICES=0,1,2,3` one point per GPU.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -13,7 +14,7 @@ export JUPYTER_PATH := $(CURDIR)/$(VENV)/share/jupyter
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[notebooks,test]"
+	$(BIN)/python -m pip install -q -e ".[notebooks,test,cluster]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -24,6 +25,7 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest
 
+# DEVICES=0,1,2,3 (or auto) runs the points one per GPU: passed as notebook 3's `devices` parameter (a string).
 sweep: setup
 	$(BIN)/papermill notebooks/03_rho_sweep.ipynb $(CURDIR)/papermill_runs/rho_front.ipynb --cwd notebooks \
-		-f notebooks/params/rho_front.yaml
+		-f notebooks/params/rho_front.yaml $(if $(DEVICES),-r devices $(DEVICES))

@@ -1,8 +1,8 @@
-"""Parameter sweeps over notebooks: run a papermill notebook once per point of a grid, in worker processes.
+"""Parameter sweeps over notebooks: run a papermill notebook once per point of a grid, in worker processes or jobs.
 
 Layout written by :func:`run_sweep`::
 
-    <out_root>/<sweep>/index.json                 notebook, base parameters, every point's run id/status/wall time
+    <out_root>/<sweep>/index.json                 notebook, base parameters, every point's run id/status/job id
     <out_root>/<sweep>/<run-id>/<notebook>.ipynb  the executed notebook (kept on failure; never widget state)
     <out_root>/<sweep>/<run-id>/result.json       status, parameters, wall time, error, the notebook's own results
     <out_root>/<sweep>/<run-id>/...               anything else the notebook writes: it runs with cwd = its run dir
@@ -11,7 +11,10 @@ Notebook convention: a cell tagged ``parameters`` declares every parameter; the 
 ``results.json`` into its working directory, which is copied into ``result.json`` under ``"results"``.
 
 Running a sweep again skips points whose ``result.json`` says ok for identical parameters and redoes the rest
-(failed points, new points, points interrupted by a killed run).
+(failed, interrupted and new points, and points left without a result by a killed run).
+
+Where points run (see :func:`run_sweep`): worker processes on this machine (default), one per GPU with ``devices``,
+or one submitit job per point (``executor="slurm"``, see :mod:`lorekit.sweep_cluster`).
 
 Python::
 
@@ -22,6 +25,8 @@ Command line (``python -m lorekit sweep``, see :func:`add_arguments`)::
 
     python -m lorekit sweep notebooks/02_train.ipynb --name rho --grid rho=0.01,0.05,0.1 --grid method=lore \\
         --set steps=20 --set out_dir=. --workers 2
+    python -m lorekit sweep ... --devices auto                      # one point per visible GPU at a time
+    python -m lorekit sweep ... --executor slurm --slurm partition=gpu --slurm time=240 --slurm gpus_per_node=1
 
 (Notebook 2 writes its run and ``results.json`` under ``out_dir`` relative to its cwd; ``.`` is the point's
 directory.)
@@ -39,22 +44,33 @@ import numbers
 import os
 import re
 import shutil
+import signal
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from multiprocessing.queues import SimpleQueue
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 INDEX_FILE = "index.json"
 RESULT_FILE = "result.json"
 NOTEBOOK_RESULTS_FILE = "results.json"
 WIDGET_STATE_MIME = "application/vnd.jupyter.widget-state+json"
 MAX_RUN_ID_LENGTH = 120
+EXECUTORS = ("local", "slurm", "submitit-local")
+# sysexits.h EX_TEMPFAIL: the exit code of a training run stopped by SIGTERM/SIGUSR1 (preempted, try again).
+EX_TEMPFAIL = 75
+# The signals a training run stops on (Windows has no SIGUSR1).
+PREEMPTION_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
+# Kernels starting at the same time on one machine (workers, or jobs sharing a node) can be handed the same free TCP
+# port, and one of them dies at start-up ("Address already in use"): a point whose kernel never ran is started again.
+KERNEL_START_ATTEMPTS = 3
 
 _SWEEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=,-]*")
 _UNSAFE = re.compile(r"[^A-Za-z0-9.,+-]+")
@@ -80,8 +96,14 @@ class SweepResult:
 
     @property
     def failed(self) -> list[str]:
-        """Run ids of the points whose notebook raised (or whose worker died)."""
-        return [rid for rid, res in self.results.items() if res["status"] == "failed"]
+        """Run ids of the points that ran and did not finish ok: their notebook raised, their worker or job died, or
+        they were interrupted (a subset, see :attr:`interrupted`). A re-run of the sweep redoes all of them."""
+        return [rid for rid, res in self.results.items() if res["status"] != "ok"]
+
+    @property
+    def interrupted(self) -> list[str]:
+        """Run ids of the points stopped from outside (preempted, signalled, job cancelled) rather than failing."""
+        return [rid for rid, res in self.results.items() if res["status"] == "interrupted"]
 
     def rows(self) -> list[dict[str, Any]]:
         """One flat dict per finished point (parameters, then the notebook's results), e.g. for a DataFrame."""
@@ -264,11 +286,22 @@ def strip_widget_state(nb: Any) -> bool:
     return changed
 
 
-# ------------------------------------------------------------------------------------------ workers
+# ------------------------------------------------------------------------------------------- points
+
+
+class _Point(NamedTuple):
+    """One point's call of :func:`_run_point`, as sent to a worker process or pickled into a submitit job."""
+
+    notebook: str
+    run_dir: str
+    run_id: str
+    params: dict[str, Any]
+    kernel_name: str | None
+    timeout: float | None
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -285,6 +318,250 @@ def _read_json(path: Path) -> Any:
         return None
 
 
+def _use_own_kernelspec() -> None:
+    # Kernel "python3" must be this interpreter's ipykernel, not a same-named kernelspec found first elsewhere
+    # (JUPYTER_PATH entries, or the user's directory outside a virtualenv): JUPYTER_PATH is searched first.
+    own = str(Path(sys.prefix) / "share" / "jupyter")
+    os.environ["JUPYTER_PATH"] = os.pathsep.join(p for p in (own, os.environ.get("JUPYTER_PATH")) if p)
+
+
+@contextmanager
+def _preemption_signals(forward: bool) -> Iterator[list[str]]:
+    """Catch SIGTERM/SIGUSR1 while a point runs and list their names, so that the process running the point lives on
+    to record it as interrupted (a worker then takes the next point).
+
+    With ``forward`` the signal is passed on to the kernel, where a training run checkpoints and exits with
+    EX_TEMPFAIL: the kernel runs in a session of its own and would not see a signal meant for the point. Under SLURM
+    every process of a job is signalled by SLURM itself, so jobs do not forward.
+    """
+    received: list[str] = []
+    if forward:
+        import psutil  # an ipykernel dependency; imported here, not inside the handler, which can run mid-import
+
+    def handle(signum: int, _frame: object) -> None:
+        received.append(signal.Signals(signum).name)
+        if forward:
+            for child in psutil.Process().children():
+                try:
+                    child.send_signal(signum)
+                except psutil.NoSuchProcess:
+                    pass
+
+    previous = {sig: signal.signal(sig, handle) for sig in PREEMPTION_SIGNALS}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _kernel_ran(output: Path) -> bool:
+    """Whether papermill's output notebook shows a cell started, i.e. the kernel came up."""
+    import nbformat
+
+    if not output.exists():
+        return False
+    return any(cell.metadata.get("papermill", {}).get("start_time") for cell in nbformat.read(output, 4).cells)
+
+
+def _papermill(point: _Point, output: Path, received: list[str]) -> None:
+    """Execute the point's notebook into ``output``, starting the kernel again if it died before running a cell
+    (unless a preemption signal, listed in ``received``, was what stopped it)."""
+    import papermill
+
+    for attempt in range(1, KERNEL_START_ATTEMPTS + 1):
+        try:
+            papermill.execute_notebook(
+                point.notebook,
+                str(output),
+                parameters=point.params,
+                cwd=point.run_dir,
+                kernel_name=point.kernel_name,
+                execution_timeout=point.timeout,
+                progress_bar=False,
+                store_widget_state=False,  # nbclient option: do not collect widget state in the first place
+            )
+            return
+        except papermill.PapermillExecutionError:
+            raise
+        except Exception:
+            if attempt == KERNEL_START_ATTEMPTS or received or _kernel_ran(output):
+                raise
+
+
+def _execute(
+    point: _Point, output: Path, stderr_log: Path, received: list[str]
+) -> tuple[str | None, str | None, bool]:
+    """Run the notebook with papermill: (error, traceback, stopped), ``stopped`` when the notebook was stopped from
+    outside (a training run's preemption exit, or SIGINT to the kernel) rather than failing by itself."""
+    import papermill
+
+    error = trace = None
+    stopped = False
+    # The kernel inherits fd 2: its start-up warning (one per point) would garble the progress bar, and a dying
+    # kernel's last words belong with the point. Kept in stderr.log, removed when empty.
+    saved_stderr = os.dup(2)
+    with open(stderr_log, "w") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            _papermill(point, output, received)
+        except papermill.PapermillExecutionError as exc:
+            error, trace = f"{exc.ename}: {exc.evalue}", _ANSI.sub("", str(exc)).strip()
+            # sys.exit(EX_TEMPFAIL) in a cell surfaces as a SystemExit error, the kernel living on.
+            stopped = exc.ename == "KeyboardInterrupt" or (exc.ename, exc.evalue) == ("SystemExit", str(EX_TEMPFAIL))
+        except Exception as exc:  # kernel death, cell timeout, unreadable notebook: recorded, never fatal to the sweep
+            error, trace = f"{type(exc).__name__}: {exc}", traceback.format_exc()
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved_stderr, 2)
+            os.close(saved_stderr)
+    return error, trace, stopped
+
+
+def _run_point(point: _Point, *, forward_signals: bool = True, job_id: str | None = None) -> dict[str, Any]:
+    """Execute one point in its own directory (in a worker process or a job); writes and returns its result.json.
+
+    Status ``ok``, ``failed``, or ``interrupted``: stopped by a preemption signal to this process (see
+    :func:`_preemption_signals`) or from inside the notebook by a training run's preemption exit.
+    """
+    import nbformat
+
+    run_path = Path(point.run_dir)
+    # Outputs of a failed or killed attempt must not leak into this one.
+    shutil.rmtree(run_path, ignore_errors=True)
+    run_path.mkdir(parents=True)
+    output = run_path / Path(point.notebook).name
+    stderr_log = run_path / "stderr.log"
+    started_at, t0 = _now(), time.perf_counter()
+    # Also while the result is written: a signal then must not kill the worker either.
+    with _preemption_signals(forward_signals) as received:
+        error, trace, stopped = _execute(point, output, stderr_log, received)
+        wall = time.perf_counter() - t0
+        if stderr_log.stat().st_size == 0:
+            stderr_log.unlink()
+
+        if output.exists():
+            nb = nbformat.read(output, as_version=4)
+            if strip_widget_state(nb):
+                nbformat.write(nb, output)
+        nb_results = None
+        results_path = run_path / NOTEBOOK_RESULTS_FILE
+        if results_path.exists():
+            try:
+                nb_results = json.loads(results_path.read_text())
+            except ValueError as exc:
+                error = error or f"{NOTEBOOK_RESULTS_FILE} written by the notebook is not valid JSON: {exc}"
+        status = "ok"
+        if error is not None:
+            status = "interrupted" if stopped or received else "failed"
+            if received:
+                error = f"{error} ({', '.join(received)} received)"
+        result = {
+            "run_id": point.run_id,
+            "status": status,
+            "parameters": point.params,
+            "notebook": output.name,
+            "started_at": started_at,
+            "wall_time_s": round(wall, 3),
+            "error": error,
+            "traceback": trace,
+            "results": nb_results,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "job_id": job_id,
+        }
+        _write_json(run_path / RESULT_FILE, result)
+    return result
+
+
+def _record_failure(
+    run_dir: Path,
+    rid: str,
+    params: dict[str, Any],
+    error: str,
+    trace: str,
+    *,
+    status: str = "failed",
+    job_id: str | None = None,
+) -> dict[str, Any]:
+    """Write and return the result of a point that ended outside its notebook (its worker or job died)."""
+    result = {
+        "run_id": rid,
+        "status": status,
+        "parameters": params,
+        "notebook": None,
+        "started_at": None,
+        "wall_time_s": None,
+        "error": error,
+        "traceback": trace,
+        "results": None,
+        "cuda_visible_devices": None,
+        "job_id": job_id,
+    }
+    run_dir.mkdir(exist_ok=True)
+    _write_json(run_dir / RESULT_FILE, result)
+    return result
+
+
+# ------------------------------------------------------------------------------------------ devices
+
+
+def visible_devices() -> tuple[list[str], str]:
+    """The CUDA devices a worker can be pinned to, as CUDA_VISIBLE_DEVICES values, and where that list came from.
+
+    An existing CUDA_VISIBLE_DEVICES (a SLURM allocation, a container) is the list: a worker must name one of its
+    entries (indices or GPU/MIG UUIDs), since a child's CUDA_VISIBLE_DEVICES replaces its parent's rather than
+    indexing into it. Otherwise the indices ``0 .. torch.cuda.device_count() - 1``.
+    """
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        ids = []
+        for entry in (e.strip() for e in listed.split(",")):
+            if not entry or entry.startswith("-"):  # CUDA hides an invalid entry and all after it ("-1": none)
+                break
+            ids.append(entry)
+        return ids, "CUDA_VISIBLE_DEVICES"
+    import torch  # slow import (~1 s): only where devices are asked for
+
+    return [str(i) for i in range(torch.cuda.device_count())], "torch.cuda.device_count()"
+
+
+def resolve_devices(devices: str | Sequence[str | int] | None) -> list[str] | None:
+    """The CUDA device ids to pin one worker each to, or None for CPU workers.
+
+    ``None`` or ``""`` (a notebook's string parameter left empty): CPU workers. ``"auto"``: every visible device, None
+    where there is none. Otherwise ids as a list or a comma-separated string (``"0,1,2,3"``), each visible (see
+    :func:`visible_devices`) and given once.
+    """
+    if devices is None or devices == "":
+        return None
+    if devices == "auto":
+        return visible_devices()[0] or None
+    if isinstance(devices, str):
+        ids = [d.strip() for d in devices.split(",")]
+    elif isinstance(devices, Sequence) and all(
+        isinstance(d, (str, numbers.Integral)) and not isinstance(d, bool) for d in devices
+    ):
+        ids = [str(d).strip() for d in devices]
+    else:
+        raise SweepError(f"devices must be 'auto', ids like '0,1,2,3', or a list of ids; got {devices!r}")
+    if not ids or not all(ids):
+        raise SweepError(f"devices {devices!r}: empty device id; give ids like '0,1,2,3', or 'auto'")
+    repeated = sorted({d for d in ids if ids.count(d) > 1})
+    if repeated:
+        raise SweepError(f"devices {devices!r}: {', '.join(repeated)} given twice; a device runs one point at a time")
+    visible, source = visible_devices()
+    unknown = [d for d in ids if d not in visible]
+    if unknown:
+        raise SweepError(
+            f"devices {devices!r}: unknown device id(s) {', '.join(unknown)}; "
+            f"visible devices ({source}): {', '.join(visible) or 'none'}"
+        )
+    return ids
+
+
+# ---------------------------------------------------------------------------------------- local pool
+
+
 def _exit_with_parent(parent_pid: int) -> None:
     # A SIGKILLed sweep must not leave workers running points that would race a re-run. The kernel in turn
     # exits with its worker (ipykernel polls its parent, JPY_PARENT_PID).
@@ -293,86 +570,62 @@ def _exit_with_parent(parent_pid: int) -> None:
     os._exit(1)
 
 
-def _init_worker(parent_pid: int, threads: int) -> None:
+def _init_worker(parent_pid: int, threads: int, devices: SimpleQueue | None) -> None:
     # Workers share the cores: more BLAS/OpenMP threads than cores makes spinning threads starve each other
     # (measured here: 2 processes x 2 threads on 2 cores ran a training step ~10x slower than 1 thread each).
     # The kernel inherits this environment.
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, str(threads))
-    # Kernel "python3" must be this interpreter's ipykernel, not a same-named kernelspec found first elsewhere
-    # (JUPYTER_PATH entries, or the user's directory outside a virtualenv): JUPYTER_PATH is searched first.
-    own = str(Path(sys.prefix) / "share" / "jupyter")
-    os.environ["JUPYTER_PATH"] = os.pathsep.join(p for p in (own, os.environ.get("JUPYTER_PATH")) if p)
+    if devices is not None:
+        # This worker's one device for its whole life, so that a device runs one point at a time; set before
+        # anything here touches CUDA, and inherited by every kernel the worker starts.
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices.get()
+    _use_own_kernelspec()
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
 
 
-def _run_point(
-    notebook: str, run_dir: str, rid: str, params: dict[str, Any], kernel_name: str | None, timeout: float | None
-) -> dict[str, Any]:
-    """Execute one point in its own directory (runs in a worker process); writes and returns its result.json."""
-    import nbformat
-    import papermill
+def _outcome(future: Future[dict[str, Any]], rid: str, params: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """The point's result; if the worker failed outside the notebook (e.g. its process died), a failed result
+    written in its place."""
+    try:
+        return future.result()
+    except Exception as exc:
+        return _record_failure(run_dir, rid, params, f"{type(exc).__name__}: {exc}", traceback.format_exc())
 
-    run_path = Path(run_dir)
-    # Outputs of a failed or killed attempt must not leak into this one.
-    shutil.rmtree(run_path, ignore_errors=True)
-    run_path.mkdir(parents=True)
-    output = run_path / Path(notebook).name
-    stderr_log = run_path / "stderr.log"
-    started_at, t0 = _now(), time.perf_counter()
-    error = trace = None
-    # The kernel inherits fd 2: its start-up warning (one per point) would garble the progress bar, and a dying
-    # kernel's last words belong with the point. Kept in stderr.log, removed when empty.
-    saved_stderr = os.dup(2)
-    with open(stderr_log, "w") as log:
-        os.dup2(log.fileno(), 2)
-        try:
-            papermill.execute_notebook(
-                notebook,
-                str(output),
-                parameters=params,
-                cwd=run_dir,
-                kernel_name=kernel_name,
-                execution_timeout=timeout,
-                progress_bar=False,
-                store_widget_state=False,  # nbclient option: do not collect widget state in the first place
-            )
-        except papermill.PapermillExecutionError as exc:
-            error, trace = f"{exc.ename}: {exc.evalue}", _ANSI.sub("", str(exc)).strip()
-        except Exception as exc:  # kernel death, cell timeout, unreadable notebook: recorded, never fatal to the sweep
-            error, trace = f"{type(exc).__name__}: {exc}", traceback.format_exc()
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved_stderr, 2)
-            os.close(saved_stderr)
-    wall = time.perf_counter() - t0
-    if stderr_log.stat().st_size == 0:
-        stderr_log.unlink()
 
-    if output.exists():
-        nb = nbformat.read(output, as_version=4)
-        if strip_widget_state(nb):
-            nbformat.write(nb, output)
-    nb_results = None
-    results_path = run_path / NOTEBOOK_RESULTS_FILE
-    if results_path.exists():
+def _run_in_pool(
+    points: list[_Point],
+    workers: int,
+    devices: list[str] | None,
+    record: Callable[[_Point, dict[str, Any]], None],
+) -> None:
+    """Run the points in worker processes, ``workers`` at a time or one per device; ``record`` each result as it
+    comes."""
+    n = min(len(devices) if devices else workers, len(points))
+    # spawn: papermill's cwd is a process-wide chdir, and forking a process with threads is unsafe.
+    context = multiprocessing.get_context("spawn")
+    device_queue = None
+    if devices:
+        # Each worker takes one device as it starts; the pool starts no more than n workers and never replaces one.
+        device_queue = context.SimpleQueue()
+        for device in devices[:n]:
+            device_queue.put(device)
+    pool = ProcessPoolExecutor(
+        max_workers=n,
+        mp_context=context,
+        initializer=_init_worker,
+        initargs=(os.getpid(), max(1, (os.cpu_count() or 1) // n), device_queue),
+    )
+    with pool:
+        futures = {pool.submit(_run_point, point): point for point in points}
         try:
-            nb_results = json.loads(results_path.read_text())
-        except ValueError as exc:
-            error = error or f"{NOTEBOOK_RESULTS_FILE} written by the notebook is not valid JSON: {exc}"
-    result = {
-        "run_id": rid,
-        "status": "ok" if error is None else "failed",
-        "parameters": params,
-        "notebook": output.name,
-        "started_at": started_at,
-        "wall_time_s": round(wall, 3),
-        "error": error,
-        "traceback": trace,
-        "results": nb_results,
-    }
-    _write_json(run_path / RESULT_FILE, result)
-    return result
+            for future in as_completed(futures):
+                point = futures[future]
+                record(point, _outcome(future, point.run_id, point.params, Path(point.run_dir)))
+        except BaseException:
+            # Ctrl-C: do not start the queued points (leaving the pool would otherwise wait for all of them).
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
 
 # -------------------------------------------------------------------------------------------- sweep
@@ -385,29 +638,34 @@ def _index_entry(rid: str, point: dict[str, Any], result: dict[str, Any] | None)
         "status": result["status"] if result else "pending",
         "wall_time_s": result["wall_time_s"] if result else None,
         "error": result["error"] if result else None,
+        "job_id": result.get("job_id") if result else None,
     }
 
 
-def _outcome(future: Future[dict[str, Any]], rid: str, params: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    """The point's result; if the worker failed outside the notebook (e.g. its process died), a failed result
-    written in its place."""
-    try:
-        return future.result()
-    except Exception as exc:
-        result = {
-            "run_id": rid,
-            "status": "failed",
-            "parameters": params,
-            "notebook": None,
-            "started_at": None,
-            "wall_time_s": None,
-            "error": f"{type(exc).__name__}: {exc}",
-            "traceback": traceback.format_exc(),
-            "results": None,
-        }
-        run_dir.mkdir(exist_ok=True)
-        _write_json(run_dir / RESULT_FILE, result)
-        return result
+def _check_placement(
+    executor: str, workers: int | None, devices: str | Sequence[str | int] | None, slurm: Mapping[str, Any] | None
+) -> list[str] | None:
+    """Check where points are to run; returns the device ids workers are pinned to (None: CPU workers or jobs)."""
+    if executor not in EXECUTORS:
+        raise SweepError(f"executor {executor!r} is not one of: {', '.join(EXECUTORS)}")
+    if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
+        raise SweepError(f"workers must be a positive integer, got {workers!r}")
+    if executor != "local":
+        if workers is not None or devices not in (None, ""):
+            raise SweepError(
+                f"workers and devices are for executor='local'; with executor={executor!r} each point is a job: "
+                "ask SLURM for its GPU and how many run at once with slurm options gpus_per_node and array_parallelism"
+            )
+        return None
+    if slurm:
+        raise SweepError(f"slurm options {dict(slurm)} need executor='slurm'")
+    ids = resolve_devices(devices)
+    if ids and workers not in (None, len(ids)):
+        raise SweepError(
+            f"workers={workers} conflicts with devices {devices!r}: one worker runs per device ({len(ids)}); "
+            "leave workers out"
+        )
+    return ids
 
 
 def run_sweep(
@@ -416,28 +674,41 @@ def run_sweep(
     points: list[Mapping[str, Any]],
     *,
     base: Mapping[str, Any] | None = None,
-    workers: int = 1,
+    workers: int | None = None,
+    devices: str | Sequence[str | int] | None = None,
+    executor: str = "local",
+    slurm: Mapping[str, Any] | None = None,
     out_root: str | os.PathLike[str] = "papermill_runs",
     kernel_name: str | None = None,
     timeout: float | None = None,
     progress: bool = True,
 ) -> SweepResult:
-    """Run ``notebook`` once per point with parameters ``{**base, **point}`` in ``workers`` processes.
+    """Run ``notebook`` once per point with parameters ``{**base, **point}``.
+
+    Where the points run (``executor``):
+
+    * ``"local"`` (default): worker processes on this machine, ``workers`` at a time (default 1) splitting the CPU
+      threads; or, with ``devices`` (``"auto"``: every visible CUDA device; or ids like ``"0,1,2,3"``), one worker
+      per device, pinned to it through CUDA_VISIBLE_DEVICES, so N devices run N points at a time, one each.
+      ``"auto"`` on a machine without CUDA devices means CPU workers. ``workers`` may be left out with ``devices``.
+    * ``"slurm"``: one SLURM job per point, submitted as a job array through submitit, with the sbatch options in
+      ``slurm`` (``time`` required; see :class:`lorekit.sweep_cluster.JobRunner`); this process waits for the jobs.
+    * ``"submitit-local"``: the same jobs as local processes (all at once, without GPUs), to try a cluster sweep.
 
     Everything is validated before anything is written: unknown parameter names, values that papermill would
-    inject as strings, identical points, an existing sweep of the same name made from a different notebook.
-    Points already done (``result.json`` ok, identical parameters) are skipped; a point that fails is recorded
-    and does not stop the others. ``kernel_name`` defaults to the notebook's kernelspec (``python3`` is resolved to
-    this interpreter's ipykernel); ``timeout`` is papermill's per-cell execution timeout in seconds.
-    Output directory: ``<out_root>/<sweep_name>/`` (``out_root`` relative to the current directory).
+    inject as strings, identical points, an existing sweep of the same name made from a different notebook, device
+    ids, SLURM options. Points already done (``result.json`` ok, identical parameters) are skipped; a point that
+    fails or is interrupted is recorded and does not stop the others. ``kernel_name`` defaults to the notebook's
+    kernelspec (``python3`` is resolved to this interpreter's ipykernel); ``timeout`` is papermill's per-cell
+    execution timeout in seconds. Output directory: ``<out_root>/<sweep_name>/`` (``out_root`` relative to the
+    current directory).
     """
     from filelock import FileLock, Timeout
     from tqdm.auto import tqdm
 
     if not isinstance(sweep_name, str) or not _SWEEP_NAME.fullmatch(sweep_name):
         raise SweepError(f"sweep name {sweep_name!r} must be a plain directory name (letters, digits, . _ + = , -)")
-    if not isinstance(workers, int) or workers < 1:
-        raise SweepError(f"workers must be a positive integer, got {workers!r}")
+    device_ids = _check_placement(executor, workers, devices, slurm)
     nb_path = Path(notebook).resolve()
     base_c, points_c = _validate(nb_path, points, base or {})
     ids = run_ids(points_c)
@@ -449,6 +720,11 @@ def run_sweep(
             f"sweep {sweep_name!r} in {sweep_dir} was made from {previous.get('notebook')}, not {nb_path}; "
             "choose another sweep name or delete that directory"
         )
+    jobs = None
+    if executor != "local":
+        from .sweep_cluster import JobRunner
+
+        jobs = JobRunner(executor, slurm or {}, sweep_dir / "submitit")
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(sweep_dir / ".lock"), timeout=0)
@@ -465,11 +741,13 @@ def run_sweep(
             if done and done.get("status") == "ok" and _canonical(done.get("parameters")) == _canonical(params):
                 results[rid] = done
             else:
-                todo.append((rid, params))
+                todo.append(_Point(str(nb_path), str(sweep_dir / rid), rid, params, kernel_name, timeout))
         index = {
             "sweep": sweep_name,
             "notebook": str(nb_path),
             "base": base_c,
+            "executor": executor,
+            "devices": device_ids,
             "created_at": previous.get("created_at", _now()) if previous else _now(),
             "updated_at": _now(),
             "points": [_index_entry(rid, p, results.get(rid)) for rid, p in zip(ids, points_c, strict=True)],
@@ -477,35 +755,30 @@ def run_sweep(
         _write_json(index_path, index)
         if todo:
             position = {rid: i for i, rid in enumerate(ids)}
-            counts = {"ok": len(results), "failed": 0}
+            counts = {"ok": len(results), "failed": 0, "interrupted": 0}
             bar = tqdm(total=len(ids), initial=len(results), desc=sweep_name, unit="point", disable=not progress)
             bar.set_postfix(counts)
-            pool = ProcessPoolExecutor(
-                max_workers=min(workers, len(todo)),
-                # spawn: papermill's cwd is a process-wide chdir, and forking a process with threads is unsafe.
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker,
-                initargs=(os.getpid(), max(1, (os.cpu_count() or 1) // min(workers, len(todo)))),
-            )
-            with pool, bar:
-                futures = {
-                    pool.submit(_run_point, str(nb_path), str(sweep_dir / rid), rid, p, kernel_name, timeout): (rid, p)
-                    for rid, p in todo
-                }
-                try:
-                    for future in as_completed(futures):
-                        rid, params = futures[future]
-                        result = results[rid] = _outcome(future, rid, params, sweep_dir / rid)
-                        index["points"][position[rid]] = _index_entry(rid, points_c[position[rid]], result)
-                        index["updated_at"] = _now()
-                        _write_json(index_path, index)
-                        counts[result["status"]] += 1
-                        bar.set_postfix(counts)
-                        bar.update()
-                except BaseException:
-                    # Ctrl-C: do not start the queued points (leaving the pool would otherwise wait for all of them).
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    raise
+
+            def submitted(job_ids: Mapping[str, str]) -> None:
+                for rid, job_id in job_ids.items():
+                    index["points"][position[rid]]["job_id"] = job_id
+                _write_json(index_path, index)
+
+            def record(point: _Point, result: dict[str, Any]) -> None:
+                rid = point.run_id
+                results[rid] = result
+                index["points"][position[rid]] = _index_entry(rid, points_c[position[rid]], result)
+                index["updated_at"] = _now()
+                _write_json(index_path, index)
+                counts[result["status"]] += 1
+                bar.set_postfix(counts)
+                bar.update()
+
+            with bar:
+                if jobs is None:
+                    _run_in_pool(todo, workers or 1, device_ids, record)
+                else:
+                    jobs.run(todo, submitted=submitted, record=record)
         return SweepResult(sweep_dir, index, {rid: results[rid] for rid in ids if rid in results})
     finally:
         lock.release()
@@ -586,6 +859,18 @@ def _spec_from_args(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dic
     return points or [{}], base
 
 
+def _slurm_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--slurm KEY=VALUE`` options as a dict; keys in sbatch (``cpus-per-task``) or submitit spelling."""
+    options: dict[str, Any] = {}
+    for item in args.slurm:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier() or key in options:
+            raise SweepError(f"--slurm expects KEY=VALUE with each key once, got {item!r}")
+        options[key] = _parse_value(text)
+    return options
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``sweep`` subcommand's arguments to ``parser``."""
     parser.add_argument("notebook", type=Path, help="notebook with a cell tagged 'parameters'")
@@ -603,7 +888,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--points", type=Path, help="JSON file with a list of points (objects), run in addition to the --grid product"
     )
-    parser.add_argument("--workers", type=int, default=1, help="points run in parallel (default 1)")
+    parser.add_argument(
+        "--workers", type=int, help="points run in parallel on this machine (default 1; with --devices one per device)"
+    )
+    parser.add_argument(
+        "--devices",
+        metavar="auto|ID,ID,...",
+        help="one worker per CUDA device, pinned to it: 'auto' (every visible device) or ids, e.g. 0,1,2,3",
+    )
+    parser.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="local",
+        help="local: worker processes (default); slurm: one SLURM job per point (submitit); "
+        "submitit-local: those jobs as local processes, to try a cluster sweep",
+    )
+    parser.add_argument(
+        "--slurm",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="sbatch option for --executor slurm (repeatable), e.g. partition=gpu time=240 (minutes, required) "
+        "gpus_per_node=1 cpus_per_task=8 mem=64G account=NAME array_parallelism=8",
+    )
     parser.add_argument("--out-root", default="papermill_runs", help="default: papermill_runs")
     parser.add_argument("--kernel", dest="kernel_name", help="kernel name (default: the notebook's kernelspec)")
     parser.add_argument("--timeout", type=float, help="per-cell execution timeout in seconds")
@@ -613,7 +920,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the sweep described by ``args`` and print one line per point.
 
-    Returns the exit code: 0 all points ok, 1 some failed, 2 the request was invalid (nothing run).
+    Returns the exit code: 0 all points ok, 1 some failed or were interrupted, 2 the request was invalid (nothing
+    run).
     """
     try:
         points, base = _spec_from_args(args)
@@ -623,6 +931,9 @@ def run(args: argparse.Namespace) -> int:
             points,
             base=base,
             workers=args.workers,
+            devices=args.devices,
+            executor=args.executor,
+            slurm=_slurm_from_args(args),
             out_root=args.out_root,
             kernel_name=args.kernel_name,
             timeout=args.timeout,
@@ -633,6 +944,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for entry in res.index["points"]:
         wall = "" if entry["wall_time_s"] is None else f"{entry['wall_time_s']:.1f}s"
-        print(f"{entry['status']:<7} {wall:>8}  {entry['run_id']}" + (f"  {entry['error']}" if entry["error"] else ""))
-    print(f"{len(res.ok)} ok, {len(res.failed)} failed: {res.sweep_dir / INDEX_FILE}")
+        job = f"  job {entry['job_id']}" if entry["job_id"] else ""
+        error = f"  {entry['error']}" if entry["error"] else ""
+        print(f"{entry['status']:<11} {wall:>8}  {entry['run_id']}{job}{error}")
+    interrupted = f" ({len(res.interrupted)} interrupted: re-run to redo)" if res.interrupted else ""
+    print(f"{len(res.ok)} ok, {len(res.failed)} failed{interrupted}: {res.sweep_dir / INDEX_FILE}")
     return 1 if res.failed else 0

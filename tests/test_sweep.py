@@ -1,5 +1,6 @@
 """Tests for lorekit.sweep: validation, casting and naming without a kernel, then real papermill sweeps of
-tests/fixtures/sweep_toy.ipynb (worker processes, a failing point, resume after a re-run and after SIGKILL)."""
+tests/fixtures/sweep_toy.ipynb (worker processes, a failing point, resume after a re-run and after SIGKILL,
+one worker per device, SIGTERM to a running point, submitit jobs: local, and SLURM through a fake sbatch)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
+from datetime import datetime
 from pathlib import Path
 
 import nbformat
@@ -230,7 +233,8 @@ def test_sweep_records_failure_strips_widgets_and_reruns_only_what_is_missing(tm
     assert first["status"] == "ok" and first["error"] is None and first["wall_time_s"] > 0
     assert first["parameters"] == {"log_path": str(log), "x": 0.5, "sizes": [1, 2]}
     # The notebook saw builtins (not strings), ran in its run dir and in this interpreter's kernel.
-    assert first["results"] == {"y": 1.0, "types": {"x": "float", "sizes": "list"}, "sys_prefix": sys.prefix}
+    notebook_saw = {k: first["results"][k] for k in ("y", "types", "sys_prefix")}
+    assert notebook_saw == {"y": 1.0, "types": {"x": "float", "sizes": "list"}, "sys_prefix": sys.prefix}
     assert (root / "toy" / ok1 / "results.json").exists()
 
     failed = res.results[bad]
@@ -340,3 +344,213 @@ def test_make_sweep_parameters_are_notebook_3_parameters_and_valid_configs():
     for point in [{"method": "lore", "rho": r} for r in params["rhos"]] + [
             {"method": "fare-reg", "lam": lam} for lam in params["lams"]] + [{"method": "fare"}]:
         recipe(params["recipe"], **point)  # validates
+
+
+# ------------------------------------------------------------------------------- devices, interruptions, jobs
+
+
+def _spans_overlap(spans: list[tuple[float, float]]) -> bool:
+    spans = sorted(spans)
+    return any(later_start < end for (_, end), (later_start, _) in zip(spans, spans[1:]))
+
+
+def test_devices_run_one_point_per_device_at_a_time(tmp_path, monkeypatch):
+    # Two visible "GPUs", as in a SLURM allocation: the workers are pinned to them whether or not CUDA is there.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    points = grid(x=[1.0, 2.0, 3.0])  # so that a device runs two
+    res = run_sweep(TOY, "gpus", points, devices="auto", out_root=tmp_path, progress=False)
+
+    assert res.ok == run_ids(points) and res.index["devices"] == ["0", "1"]
+    spans: dict[str, list[tuple[float, float]]] = {}  # device -> when its points ran (their kernels' whole lives)
+    for result in res.results.values():
+        seen = result["results"]["cuda_visible_devices"]  # what the notebook's kernel saw
+        assert seen == result["cuda_visible_devices"] and seen in {"0", "1"}
+        start = datetime.fromisoformat(result["started_at"]).timestamp()
+        spans.setdefault(seen, []).append((start, start + result["wall_time_s"]))
+    assert set(spans) == {"0", "1"}
+    assert not any(_spans_overlap(s) for s in spans.values())
+    # Two devices, two points at a time: the sweep as a whole did overlap.
+    assert _spans_overlap([span for s in spans.values() for span in s])
+
+
+@pytest.mark.parametrize(
+    ("visible", "kwargs", "match"),
+    [
+        ("0,1", {"devices": "0,2"}, r"unknown device id\(s\) 2; visible devices \(CUDA_VISIBLE_DEVICES\): 0, 1"),
+        ("0,1", {"devices": ["1", 1]}, "1 given twice; a device runs one point at a time"),
+        ("0,1", {"devices": []}, "empty device id"),
+        ("0,1", {"devices": "0,,1"}, "empty device id"),
+        ("0,1", {"devices": 2}, "devices must be 'auto'"),
+        ("0,1", {"devices": "auto", "workers": 3}, r"workers=3 conflicts with devices 'auto': one worker runs per"),
+        ("0,1", {"devices": "0,1", "executor": "slurm"}, "workers and devices are for executor='local'"),
+        ("0,1", {"executor": "submitit-local", "workers": 2}, "workers and devices are for executor='local'"),
+        ("0,1", {"slurm": {"time": 10}}, r"slurm options \{'time': 10\} need executor='slurm'"),
+        ("0,1", {"executor": "pbs"}, "executor 'pbs' is not one of: local, slurm, submitit-local"),
+        ("-1", {"devices": "0"}, r"visible devices \(CUDA_VISIBLE_DEVICES\): none"),
+        ("", {"devices": "0"}, r"visible devices \(CUDA_VISIBLE_DEVICES\): none"),
+    ],
+)
+def test_bad_placements_are_rejected_before_anything_is_written(tmp_path, monkeypatch, visible, kwargs, match):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    with pytest.raises(SweepError, match=match):
+        run_sweep(TOY, "s", [{"x": 1.0}], out_root=tmp_path / "runs", **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_visible_devices_and_auto(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aa, MIG-bb,-1,3")  # CUDA ignores "-1" and everything after it
+    assert sweep.visible_devices() == (["GPU-aa", "MIG-bb"], "CUDA_VISIBLE_DEVICES")
+    assert sweep.resolve_devices("auto") == ["GPU-aa", "MIG-bb"]
+    assert sweep.resolve_devices(["MIG-bb"]) == ["MIG-bb"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    assert sweep.resolve_devices([np.int64(2), 0]) == ["2", "0"] and sweep.resolve_devices(" 1 ,2") == ["1", "2"]
+    assert sweep.resolve_devices(None) is None and sweep.resolve_devices("") is None  # "": a notebook's unset str
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert sweep.resolve_devices("auto") is None  # no device: CPU workers, as without devices
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    import torch
+
+    count = torch.cuda.device_count()
+    assert sweep.visible_devices() == ([str(i) for i in range(count)], "torch.cuda.device_count()")
+    assert sweep.resolve_devices("auto") == ([str(i) for i in range(count)] or None)
+
+
+def test_cli_devices_executor_and_slurm_options():
+    args = _cli(
+        "nb.ipynb", "--name", "n", "--devices", "0,1", "--executor", "slurm",
+        "--slurm", "partition=gpu", "--slurm", "time=240", "--slurm", "cpus-per-task=8", "--slurm", "mem=64G",
+        "--slurm", "setup=['module load cuda']",
+    )  # fmt: skip
+    assert (args.devices, args.executor, args.workers) == ("0,1", "slurm", None)
+    assert sweep._slurm_from_args(args) == {
+        "partition": "gpu", "time": 240, "cpus_per_task": 8, "mem": "64G", "setup": ["module load cuda"]
+    }  # fmt: skip
+    for bad in ("time", "time=1,cpus_per_task=2=3", "=3"):
+        with pytest.raises(SweepError, match="--slurm expects KEY=VALUE"):
+            sweep._slurm_from_args(_cli("nb.ipynb", "--name", "n", "--slurm", bad, "--slurm", "time=2"))
+
+
+def test_sigterm_to_a_running_point_records_it_as_interrupted_and_a_rerun_redoes_it(tmp_path):
+    root, log, go = tmp_path / "runs", tmp_path / "executions.log", tmp_path / "go"
+    points = [{"x": 1.0, "wait_for": str(go)}, {"x": 2.0}]  # one worker: the second point runs after the first
+    held, other = run_ids(points)
+    outcome: dict[str, sweep.SweepResult] = {}
+
+    def run() -> None:
+        outcome["res"] = run_sweep(TOY, "sig", points, base={"log_path": str(log)}, out_root=root, progress=False)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 90
+    while not (log.exists() and held in _executions(log)):
+        assert thread.is_alive() and time.monotonic() < deadline, "the held point never started"
+        time.sleep(0.1)
+    pids = json.loads((root / "sig" / held / "pids.json").read_text())
+    # To the worker, as a scheduler or a user would: it passes SIGTERM on to the kernel, where the notebook stops
+    # like a preempted training run (sys.exit(75)).
+    os.kill(pids["parent"], signal.SIGTERM)
+    thread.join(90)
+    res = outcome["res"]
+
+    assert res.interrupted == [held] and res.failed == [held] and res.ok == [other]
+    assert res.results[held]["error"] == "SystemExit: 75 (SIGTERM received)"
+    assert res.index["points"][0]["status"] == "interrupted"
+    # The worker survived and ran the next point.
+    assert json.loads((root / "sig" / other / "pids.json").read_text())["parent"] == pids["parent"]
+
+    go.touch()
+    again = run_sweep(TOY, "sig", points, base={"log_path": str(log)}, out_root=root, progress=False)
+    assert again.ok == [held, other] and again.interrupted == []
+    assert _executions(log) == {held: 2, other: 1}
+
+
+def test_submitit_local_sweep_records_jobs_and_failures_and_reruns_only_what_is_missing(tmp_path, capsys):
+    root, log = tmp_path / "runs", tmp_path / "executions.log"
+    points = [{"x": 1.0}, {"x": 2.0, "fail": True}]
+    ok, bad = run_ids(points)
+    res = run_sweep(TOY, "jobs", points, base={"log_path": str(log)}, executor="submitit-local", out_root=root,
+                    progress=False)  # fmt: skip
+
+    assert res.ok == [ok] and res.failed == [bad] and res.interrupted == []
+    assert res.results[bad]["error"] == "RuntimeError: deliberate failure at x=2.0"
+    index = json.loads((root / "jobs" / "index.json").read_text())
+    assert index["executor"] == "submitit-local"
+    job_ids = {p["run_id"]: p["job_id"] for p in index["points"]}
+    assert all(job_ids.values()) and len(set(job_ids.values())) == 2
+    for rid, job_id in job_ids.items():
+        assert res.results[rid]["job_id"] == job_id
+        assert (root / "jobs" / "submitit" / job_id / f"{job_id}_0_log.out").exists()
+    assert res.results[ok]["cuda_visible_devices"] == ""  # submitit's local jobs see no GPU
+
+    # The same sweep again from the command line: only the failed point is submitted again.
+    points_file = tmp_path / "points.json"
+    points_file.write_text(json.dumps(points))
+    argv = [str(TOY), "--name", "jobs", "--out-root", str(root), "--set", f"log_path={log}", "--no-progress",
+            "--executor", "submitit-local", "--points", str(points_file)]  # fmt: skip
+    assert sweep.run(_cli(*argv)) == 1
+    assert "1 ok, 1 failed" in capsys.readouterr().out
+    assert _executions(log) == {ok: 1, bad: 2}
+    again = load_sweep(root / "jobs")
+    assert again.index["points"][0]["job_id"] == job_ids[ok]
+    assert again.index["points"][1]["job_id"] not in (None, job_ids[bad])
+
+
+FAKE_SBATCH = """#!/bin/bash
+# sbatch as far as submitit needs it: keep the script, run each array task in the background, print the job id.
+[[ -n $FAKE_SBATCH_ERROR ]] && { echo "sbatch: error: $FAKE_SBATCH_ERROR" >&2; exit 1; }
+cp "$1" "$FAKE_SLURM_DIR/job.sh"
+last=$(sed -n 's/^#SBATCH --array=0-\\([0-9]*\\).*/\\1/p' "$1")
+for i in $(seq 0 "${last:-0}"); do
+    SLURM_JOB_ID=$((4243 + i)) SLURM_ARRAY_JOB_ID=4242 SLURM_ARRAY_TASK_ID=$i bash "$1" >/dev/null 2>&1 &
+done
+echo "Submitted batch job 4242"
+"""
+FAKE_SRUN = """#!/bin/bash
+while [[ $1 == --* ]]; do [[ $1 == --unbuffered ]] && shift || shift 2; done
+exec "$@"
+"""
+
+
+def test_slurm_sweep_submits_one_job_array_with_the_given_options(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("sbatch", FAKE_SBATCH), ("srun", FAKE_SRUN)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM_DIR", str(tmp_path))
+    monkeypatch.setattr("lorekit.sweep_cluster.POLL_S", {"slurm": 0.5})
+    points = [{"x": 1.0}, {"x": 2.0}]
+    for options, match in (
+        ({"partition": "gpu"}, "needs a time limit per point"),
+        ({"time": 30, "gpu": 1}, r"Unavailable parameter\(s\): \['gpu'\]"),
+    ):
+        with pytest.raises(SweepError, match=match):
+            run_sweep(TOY, "slurm", points, executor="slurm", slurm=options, out_root=tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()
+    monkeypatch.setenv("FAKE_SBATCH_ERROR", "invalid partition specified: gpu")
+    with pytest.raises(SweepError, match="submitting the jobs failed: .*invalid partition specified: gpu"):
+        run_sweep(TOY, "slurm", points, executor="slurm", slurm={"time": 30}, out_root=tmp_path / "runs")
+    monkeypatch.delenv("FAKE_SBATCH_ERROR")
+
+    options = {"partition": "gpu", "time": 30, "gpus-per-node": 1, "cpus_per_task": 2, "mem": "1G",
+               "account": "proj", "array_parallelism": 2}  # fmt: skip
+    res = run_sweep(TOY, "slurm", points, executor="slurm", slurm=options, out_root=tmp_path / "runs", progress=False)
+
+    assert res.ok == run_ids(points)
+    assert [p["job_id"] for p in res.index["points"]] == ["4242_0", "4242_1"]
+    assert [r["job_id"] for r in res.results.values()] == ["4242_0", "4242_1"]
+    script = (tmp_path / "job.sh").read_text()
+    for flag in ("--partition=gpu", "--time=30", "--gpus-per-node=1", "--cpus-per-task=2", "--mem=1G",
+                 "--account=proj", "--array=0-1%2", "--signal=USR1@90"):  # fmt: skip
+        assert f"#SBATCH {flag}\n" in script
+
+
+def test_cluster_executors_need_submitit_and_slurm(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    with pytest.raises(SweepError, match="needs SLURM's sbatch and srun on PATH"):
+        run_sweep(TOY, "s", [{"x": 1.0}], executor="slurm", slurm={"time": 10}, out_root=tmp_path / "runs")
+    monkeypatch.setitem(sys.modules, "submitit", None)  # as if not installed
+    with pytest.raises(SweepError, match=r"executor='submitit-local' needs submitit: pip install 'lorekit\[cluster\]'"):
+        run_sweep(TOY, "s", [{"x": 1.0}], executor="submitit-local", out_root=tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()
