@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import replace
 
 from . import recipes, robustness, sweep
 from .config import ConfigError, TrainConfig, add_config_arguments, given_fields
+from .stopping import RunStopped
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -17,8 +19,9 @@ def _train(args: argparse.Namespace) -> int:
     overrides = given_fields(args)
     cfg = recipes.recipe(args.recipe, **overrides) if args.recipe else TrainConfig.from_dict(overrides)
     summary = train(cfg)
-    print(json.dumps(summary["final"], indent=2))
-    print(f"run written to {summary['run_dir']}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one report
+        print(json.dumps(summary["final"], indent=2))
+        print(f"run written to {summary['run_dir']}")
     return 0
 
 
@@ -94,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"lorekit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:  # a signal (checkpoint written) or divergence: one line, no traceback
+        print(f"lorekit {args.command}: stopped: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

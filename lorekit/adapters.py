@@ -152,12 +152,6 @@ def _attention_blocks(model: nn.Module, towers: str) -> dict[str, ResidualAttent
     return blocks
 
 
-def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) number of parameters."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
 class LoraCLIP:
     """An open_clip model carrying LoRA adapters (added in place); only adapter weights are trainable.
 
@@ -239,3 +233,29 @@ def add_lora(model: nn.Module, *, rank: int = 2, alpha: float = 1.0, dropout: fl
     settings = LoraSettings(rank=rank, alpha=alpha, dropout=dropout,
                             targets=targets if isinstance(targets, str) else tuple(targets), towers=towers)
     return LoraCLIP(model, settings)
+
+
+class AdaptersOff(nn.Module):
+    """φθ0 as a module: the adapted encoder run with its adapters switched off (no second copy).
+
+    The encoder is held outside the module tree, so `.eval()`/`.to()` on the reference leave the trained
+    encoder's mode alone and its state dict is not saved twice.
+    """
+
+    def __init__(self, encoder: nn.Module, adapters: LoraCLIP) -> None:
+        super().__init__()
+        object.__setattr__(self, "encoder", encoder)
+        object.__setattr__(self, "adapters", adapters)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with self.adapters.disabled():
+            return self.encoder(images)
+
+
+def merged_copy(model: nn.Module, settings: dict, adapter_state: dict[str, torch.Tensor]) -> nn.Module:
+    """A plain open_clip model: a copy of `model` with saved adapter weights folded in (a LoRA run's result)."""
+    import copy
+
+    adapters = add_lora(copy.deepcopy(model), **settings)
+    adapters.load_adapter_state_dict(adapter_state)
+    return adapters.merge()

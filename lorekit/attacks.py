@@ -11,7 +11,7 @@ Losses to attack with: `embedding_attack_loss` (the unsupervised ‖φθ(x+δ) �
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,18 +47,32 @@ def random_start(x: torch.Tensor, eps: float, norm: str, generator: torch.Genera
     return project(x + eps * radius * direction, x, eps, norm)
 
 
+def seeded_random_start(x: torch.Tensor, eps: float, norm: str, seeds: Sequence[int]) -> torch.Tensor:
+    """`random_start` with sample i drawn from a generator seeded with seeds[i].
+
+    A sample's start then depends on its seed alone, not on the batch around it: a batch split over N
+    processes starts exactly where the same batch in one process does, and each process draws its own.
+    """
+    gen = torch.Generator(device=x.device)
+    return torch.cat([random_start(x[i:i + 1], eps, norm, gen.manual_seed(seed)) for i, seed in enumerate(seeds)])
+
+
 def pgd(loss_fn: LossFn, x: torch.Tensor, eps: float, *, steps: int = 10, step_size: float | None = None,
         norm: str = "linf", momentum: float = 0.9, random_init: bool = True,
-        generator: torch.Generator | None = None) -> torch.Tensor:
+        generator: torch.Generator | None = None, start: torch.Tensor | None = None) -> torch.Tensor:
     """Maximise loss_fn over the ε-ball around x; returns the detached last iterate.
 
     ℓ∞: v ← sign(momentum·v + sign(g)), x ← Π(x + α·v)   (FARE's momentum-on-sign)
     ℓ2: v ← momentum·v + g/‖g‖,          x ← Π(x + α·v/‖v‖)
-    Step size α defaults to ε/4. Model parameters receive no gradient.
+    Step size α defaults to ε/4. Model parameters receive no gradient. The first iterate is `start` when
+    given, else a random start (drawn from `generator`) or x itself.
     """
     step_size = eps / 4 if step_size is None else step_size
     x = x.detach()
-    x_adv = random_start(x, eps, norm, generator) if random_init else x.clone()
+    if start is not None:
+        x_adv = start.detach()
+    else:
+        x_adv = random_start(x, eps, norm, generator) if random_init else x.clone()
     velocity = torch.zeros_like(x)
     for _ in range(steps):
         x_adv.requires_grad_(True)

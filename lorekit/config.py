@@ -29,6 +29,8 @@ DUAL_KINDS = ("mlp", "linear", "scalar")
 NORMS = ("linf", "l2")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
+ADAPTERS = ("none", "lora")
+REPORTERS = ("none", "tensorboard", "wandb")
 
 
 class ConfigError(ValueError):
@@ -101,6 +103,26 @@ class TrainConfig:
     """K: encoder updates per adversarial batch, for every method (LORE holds λ fixed across them);
     0 means the method's default: 5 for LORE, 1 for the others. The schedule spans steps·K updates."""
 
+    adapter: str = "none"
+    """Which weights train: 'none' (the whole image tower) or 'lora' (LoRA adapters on the attention
+    projections, through peft; everything else frozen, and the frozen reference φθ0 is the same model with
+    the adapters switched off: no second copy). Combines with any method."""
+
+    lora_rank: int = 8
+    """LoRA rank r of each adapted projection (adapter='lora')."""
+
+    lora_alpha: float = 8.0
+    """LoRA scale numerator: an adapter adds (alpha/rank)·B·A to its projection (adapter='lora')."""
+
+    lora_dropout: float = 0.0
+    """Dropout on each adapter's input in training (adapter='lora'); AdvCLIP-LoRA uses 0.25."""
+
+    lora_targets: str = "q,k,v"
+    """Comma-separated attention projections that get adapters: any of q, k, v, o (adapter='lora')."""
+
+    lora_towers: str = "image"
+    """Towers whose attention blocks get adapters: 'image', 'text' or 'both' (adapter='lora')."""
+
     steps: int = 150
     """Number of training batches (outer iterations)."""
 
@@ -125,6 +147,21 @@ class TrainConfig:
     precision: str = "auto"
     """'auto' (bf16 autocast on CUDA, fp32 on CPU), 'fp32' or 'bf16'."""
 
+    tf32: bool = True
+    """On CUDA, TensorFloat-32 for fp32 matmuls and convolutions (Ampere and newer; ~1e-3 relative precision).
+    The FARE reference code runs with it off."""
+
+    compile: bool = False
+    """torch.compile the image tower (its first steps pay the compilation, each input shape once)."""
+
+    grad_checkpointing: bool = False
+    """Recompute the tower's activations in the backward pass instead of storing them (open_clip towers
+    that support it): less memory for big towers and batches, about a third more compute."""
+
+    report_to: str = "none"
+    """Where the scalars of metrics.jsonl also go: 'none', 'tensorboard' (event files in
+    <run_dir>/tensorboard), 'wandb' (when installed; not a dependency), or 'tensorboard,wandb'."""
+
     eval_every: int = 50
     """Run the periodic held-out evaluation every this many steps (0 turns it off)."""
 
@@ -135,7 +172,8 @@ class TrainConfig:
     """Write a resumable checkpoint every this many steps (and always at the end)."""
 
     workers: int = 0
-    """DataLoader worker processes for file-backed data sets (the embedded one needs none)."""
+    """DataLoader worker processes for file-backed data sets (the embedded one needs none); batches are
+    read into pinned memory on CUDA and moved to the device once per batch."""
 
     run_dir: str = ""
     """Run directory; '' means runs/<method>-eps<..>-seed<..>."""
@@ -170,6 +208,12 @@ class TrainConfig:
         return Path("runs") / tag
 
     @property
+    def lora(self) -> dict[str, Any]:
+        """The keyword arguments of lorekit.adapters.add_lora that the lora_* fields give."""
+        return {"rank": self.lora_rank, "alpha": self.lora_alpha, "dropout": self.lora_dropout,
+                "targets": tuple(t.strip() for t in self.lora_targets.split(",")), "towers": self.lora_towers}
+
+    @property
     def data_path(self) -> Path:
         return Path(self.data_root) if self.data_root else Path(self.cache_dir) / "data"
 
@@ -186,6 +230,18 @@ class TrainConfig:
         check_choice("dual", self.dual, DUAL_KINDS)
         check_choice("norm", self.norm, NORMS)
         check_choice("precision", self.precision, PRECISIONS)
+        check_choice("adapter", self.adapter, ADAPTERS)
+        trackers = [t.strip() for t in self.report_to.split(",")]
+        if not trackers or any(t not in REPORTERS for t in trackers) or ("none" in trackers and len(trackers) > 1):
+            raise ConfigError(f"report_to={self.report_to!r}: must be 'none' or a comma-separated list of "
+                              f"{', '.join(REPORTERS[1:])}")
+        if self.adapter == "lora":
+            from .adapters import LoraSettings
+
+            try:
+                LoraSettings(**self.lora)
+            except ConfigError as e:  # its messages name the setting: 'rank=0: ...' is the field lora_rank
+                raise ConfigError(f"lora_{e}") from None
         if not 0 < self.eps <= 1:
             raise ConfigError(f"eps={self.eps!r}: must lie in (0, 1] (pixel units, e.g. 4/255={4/255:.5f})")
         if self.rho < 0:
@@ -229,7 +285,8 @@ class TrainConfig:
 
 
 # The fields whose differences do not make a different run (resuming one, or moving devices).
-NON_SEMANTIC_FIELDS = frozenset({"resume", "run_dir", "device", "workers", "cache_dir", "data_root"})
+NON_SEMANTIC_FIELDS = frozenset({"resume", "run_dir", "device", "workers", "cache_dir", "data_root", "compile",
+                                 "grad_checkpointing", "report_to"})
 
 
 def config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:

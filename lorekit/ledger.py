@@ -13,7 +13,8 @@ Passes are counted per phase of a training step:
     telemetry   no-grad forwards made only to log fidelity (FARE and TeCoA, whose updates never
                 look at clean images)
 
-Periodic and final evaluations are not training compute and are not counted. `updates` counts the
+Periodic and final evaluations are not training compute and are not counted. Under data parallelism
+the counts are global (all ranks' images). `updates` counts the
 encoder's optimizer steps; `wall_time_s` the time spent in training steps (evaluations and
 checkpoints excluded). The counts come from hooks on the encoder modules, so they are what ran,
 not a formula.
@@ -35,33 +36,47 @@ TRAINING_PHASES = ("reference", "attack", "update")  # what a compute budget cou
 class Ledger:
     """Forward and backward encoder passes per phase, optimizer updates and wall time of one run."""
 
-    def __init__(self) -> None:
+    def __init__(self, processes: int = 1) -> None:
+        # Data-parallel ranks run identical shards: each counts its own passes times the number of ranks, so
+        # every rank holds the global totals (and any rank's checkpoint can resume any world size).
+        self.processes = processes
         self.forward = dict.fromkeys(PHASES, 0)
         self.backward = dict.fromkeys(PHASES, 0)
         self.updates = 0
         self.wall_time_s = 0.0
         self._phase: str | None = None
+        self._depth = 0  # nesting of watched forwards in progress
 
     def watch(self, *modules: nn.Module) -> "Ledger":
-        """Count every forward (and the backward through it) of these modules in the current phase."""
+        """Count every forward (and the backward through it) of these modules in the current phase.
+
+        A watched module called inside another (a reference that runs the encoder with its adapters
+        off) counts once, as the outer call.
+        """
         for module in modules:
+            module.register_forward_pre_hook(self._enter)
             module.register_forward_hook(self._on_forward)
         return self
+
+    def _enter(self, module: nn.Module, inputs: Any) -> None:
+        self._depth += 1
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         if name not in PHASES:
             raise ValueError(f"phase={name!r}: must be one of {', '.join(PHASES)}")
         outer, self._phase = self._phase, name
+        self._depth = 0  # phases start between forwards; a forward that raised left no exit hook behind
         try:
             yield
         finally:
             self._phase = outer
 
     def _on_forward(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        if self._phase is None or not isinstance(output, torch.Tensor):
+        self._depth -= 1
+        if self._depth or self._phase is None or not isinstance(output, torch.Tensor):
             return
-        n = output.shape[0]
+        n = output.shape[0] * self.processes
         self.forward[self._phase] += n
         if output.requires_grad:  # the hook fires when a backward reaches this output
             output.register_hook(functools.partial(self._on_backward, self._phase, n))

@@ -54,6 +54,12 @@ def _resize_center_crop(images: torch.Tensor, size: tuple[int, int]) -> torch.Te
     return images[..., top:top + size[0], left:left + size[1]]
 
 
+def parameter_counts(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) number of parameters of a module."""
+    params = list(module.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
 def frozen_copy(module: nn.Module) -> nn.Module:
     """φθ0: an independent, frozen, eval-mode copy of the encoder."""
     ref = copy.deepcopy(module).eval()
@@ -172,6 +178,15 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
     except Exception as e:
         raise ConfigError(f"image_encoder={str(path)!r}: not a state dict for this encoder "
                           f"({type(e).__name__}: {str(e)[:200]})") from None
+    check_finite(state, path)
+
+
+def check_finite(state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Refuse weights holding NaN or inf (a diverged run): whatever they evaluate to would be nonsense."""
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise ConfigError(f"{path}: the weights hold NaN or inf ({bad}): the run diverged; there is nothing "
+                          "meaningful to evaluate or export")
 
 
 @torch.no_grad()

@@ -4,22 +4,30 @@
     metrics.jsonl   one JSON record per training step, plus periodic and final 'eval' records
     checkpoint.pt   everything needed to resume, rewritten every `checkpoint_every` steps
     encoder.pt      the fine-tuned image encoder's state dict, written at the end
+    adapter.pt      instead of encoder.pt when only adapters trained (adapter='lora'): their weights only
     summary.json    final evaluation, compute ledger, base weights; its presence means "finished"
+    .lock           held by the one process writing the run (`lock`)
 
 Every file is written atomically (a temporary file in the same folder, then a rename), so neither a
-reader nor a resumed run ever sees half a file. What to do with a run directory that already holds a
-run is one decision, `prepare(cfg, existing)`, shared by the command line, the notebooks and the demo.
+reader nor a resumed run ever sees half a file; metrics.jsonl is appended to, and a last line cut short
+by a kill is dropped when it is read. What to do with a run directory that already holds a run is one
+decision, `prepare(cfg, existing)`, shared by the command line, the notebooks and the demo; it runs
+under the directory's lock.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
+import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 from .config import NON_SEMANTIC_FIELDS, ConfigError, TrainConfig, config_diff
 
@@ -29,7 +37,9 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.pt"
 ENCODER = "encoder.pt"
+ADAPTER = "adapter.pt"
 SUMMARY = "summary.json"
+LOCK = ".lock"
 
 # What `prepare` does with a run directory that already holds a run:
 #   error      refuse, unless cfg.resume continues that same run (the command line's default)
@@ -99,13 +109,18 @@ def finished_and_current(cfg: TrainConfig) -> bool:
         summary.get("base_weights") == weights_id(cfg.model, cfg.pretrained, cfg.cache_dir))
 
 
-def check(cfg: TrainConfig) -> None:
-    """Refuse a run directory that already holds a run, unless resuming that same run."""
+def check(cfg: TrainConfig) -> TrainConfig:
+    """Refuse a run directory that already holds a run, unless resuming that same run.
+
+    A run that stopped before its first checkpoint (nothing to resume, nothing to lose) starts over.
+    Returns the config to train.
+    """
     cfg_path = cfg.run_path / CONFIG
     if not cfg_path.exists():
         if cfg.resume:
-            raise ConfigError(f"resume=True: run_dir={str(cfg.run_path)!r} holds no run (no {CONFIG})")
-        return
+            raise ConfigError(f"resume=True: run_dir={str(cfg.run_path)!r} holds no run (no {CONFIG}); "
+                              "leave out --resume to start it")
+        return cfg
     try:
         saved = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
@@ -115,19 +130,64 @@ def check(cfg: TrainConfig) -> None:
         detail = ", ".join(f"{k}: saved {saved.get(k)!r} vs {getattr(cfg, k, None)!r}" for k in diff)
         raise ConfigError(f"run_dir={str(cfg.run_path)!r} already holds a run with a different config ({detail}); "
                           "choose another run_dir")
+    if not (cfg.run_path / CHECKPOINT).is_file() and not is_finished(cfg.run_path):
+        print(f"lorekit: {cfg.run_path} holds this run but no checkpoint (it stopped before its first one); "
+              "starting it over")
+        remove(cfg.run_path)
+        return replace(cfg, resume=False)
     if not cfg.resume:
         raise ConfigError(f"run_dir={str(cfg.run_path)!r} already holds this run; pass resume=True (--resume) "
                           "to continue it, or choose another run_dir")
+    return cfg
 
 
 def remove(run: str | Path) -> None:
-    """Delete a run directory, refusing anything that does not look like one."""
+    """Empty a run directory (its lock stays with its holder), refusing anything that does not look like one."""
     run = Path(run)
     if not run.exists():
         return
-    if any(run.iterdir()) and not (run / CONFIG).is_file():
+    contents = [p for p in run.iterdir() if p.name != LOCK]
+    if contents and not (run / CONFIG).is_file():
         raise ConfigError(f"run_dir={str(run)!r} exists and is not a lorekit run (no {CONFIG}); refusing to delete it")
-    shutil.rmtree(run)
+    for p in contents:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+@contextmanager
+def lock(run: str | Path) -> Iterator[None]:
+    """Own the run directory for the duration; a second writer is refused with a message naming the holder.
+
+    An flock belongs to the open file, so the kernel releases it when its holder dies (kill -9 included):
+    no stale lock is ever left behind. A directory this call created and nothing else filled is removed
+    again, so a run refused or failing before it starts leaves nothing behind.
+    """
+    run = Path(run)
+    if run.exists() and not run.is_dir():
+        raise ConfigError(f"run_dir={str(run)!r} is a file; a run directory must be a folder (or not exist yet)")
+    created = not run.exists()
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ConfigError(f"run_dir={str(run)!r}: cannot be written ({e.strerror}); choose another run_dir") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            raise ConfigError(f"run_dir={str(run)!r} is in use by {holder}; wait for it to finish, stop it, or "
+                              "choose another run_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                  .encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            if created and [p.name for p in run.iterdir()] == [LOCK]:
+                shutil.rmtree(run, ignore_errors=True)
+    finally:
+        os.close(fd)
 
 
 def prepare(cfg: TrainConfig, existing: str = "error") -> tuple[TrainConfig, Record | None]:
@@ -140,8 +200,7 @@ def prepare(cfg: TrainConfig, existing: str = "error") -> tuple[TrainConfig, Rec
         raise ConfigError(f"existing={existing!r}: must be one of {', '.join(EXISTING)}")
     run = cfg.run_path
     if existing == "error":
-        check(cfg)
-        return cfg, None
+        return check(cfg), None
     if existing == "reuse":
         if finished_and_current(cfg):
             return cfg, read_json(run / SUMMARY)
@@ -161,14 +220,28 @@ def start(cfg: TrainConfig) -> None:
 
 
 # ----------------------------------------------------------------------------- metrics
+def _metrics_lines(path: Path) -> list[tuple[str, Record]]:
+    """(line, record) pairs; a last line cut short by a kill or a full disk is dropped, any other bad line named."""
+    lines = [line for line in path.read_text().splitlines() if line]
+    out = []
+    for number, line in enumerate(lines, 1):
+        try:
+            out.append((line, json.loads(line)))
+        except ValueError:
+            if number < len(lines):
+                raise ConfigError(f"{path}, line {number}: not a JSON record ({line[:60]!r}); the file is damaged "
+                                  "beyond its last line") from None
+    return out
+
+
 def read_metrics(run: str | Path) -> list[Record]:
     """All records of a run's metrics.jsonl (train and eval), in order."""
-    path = Path(run) / METRICS
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    return [r for _, r in _metrics_lines(Path(run) / METRICS)]
 
 
 def truncate_metrics(run: str | Path, step: int, final_step: int) -> None:
-    """Drop records past the checkpoint, and the final evaluation: the resumed run writes those again."""
+    """Drop records past the checkpoint (and a torn last line), and the final evaluation: the resumed run
+    writes those again."""
     path = Path(run) / METRICS
     if not path.exists():
         return
@@ -176,7 +249,7 @@ def truncate_metrics(run: str | Path, step: int, final_step: int) -> None:
     def keep_record(r: Record) -> bool:
         return r["step"] < step or (r["step"] == step and not (r["kind"] == "eval" and step == final_step))
 
-    keep = [line for line in path.read_text().splitlines() if line and keep_record(json.loads(line))]
+    keep = [line for line, r in _metrics_lines(path) if keep_record(r)]
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
@@ -197,12 +270,46 @@ def read_config(run_dir: str | Path) -> TrainConfig:
     return TrainConfig.from_dict(read_json(run / CONFIG))
 
 
+def tuned_model(run_dir: str | Path, base: Any) -> Any:
+    """A finished run's fine-tuned open_clip model: `base` (its starting LoadedCLIP) with the run's weights,
+    as a new LoadedCLIP. A LoRA run's adapters are folded in: the result is a plain open_clip model."""
+    import copy
+
+    from .models import ImageEncoder, LoadedCLIP, check_finite, load_encoder_weights
+
+    run = Path(run_dir)
+    if (run / ADAPTER).is_file():
+        from .adapters import merged_copy
+
+        state = _load_tensors(run / ADAPTER)
+        check_finite(state, run / ADAPTER)
+        model = merged_copy(base.model, read_config(run).lora, state)
+        encoder = ImageEncoder(model.visual, base.encoder.image_size, base.encoder.mean.flatten().tolist(),
+                               base.encoder.std.flatten().tolist()).to(base.encoder.mean.device)
+        return LoadedCLIP(model, base.tokenizer, base.name, base.pretrained, encoder)
+    model = copy.deepcopy(base.model)
+    encoder = ImageEncoder(model.visual, base.encoder.image_size, base.encoder.mean.flatten().tolist(),
+                           base.encoder.std.flatten().tolist()).to(base.encoder.mean.device)
+    load_encoder_weights(encoder, run / ENCODER)
+    return LoadedCLIP(model, base.tokenizer, base.name, base.pretrained, encoder)
+
+
+def _load_tensors(path: Path) -> dict[str, Any]:
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"{path}: not a readable weights file ({type(e).__name__}: {str(e)[:200]})") from None
+
+
 def load_run(run_dir: str | Path, device: Any = "cpu") -> LoadedRun:
     """(config, fine-tuned LoadedCLIP, frozen original encoder) of a finished run directory."""
     from .models import frozen_copy, load_clip
 
     run = Path(run_dir)
     cfg = read_config(run)
-    tuned = load_clip(cfg.model, cfg.pretrained, image_encoder=run / ENCODER, cache_dir=cfg.cache_dir, device=device)
-    original = load_clip(cfg.model, cfg.pretrained, cache_dir=cfg.cache_dir, device=device).encoder
-    return LoadedRun(cfg, tuned, frozen_copy(original))
+    if not is_finished(run):
+        raise ConfigError(f"run={str(run)!r}: not finished (no {SUMMARY}); resume it with --resume first")
+    base = load_clip(cfg.model, cfg.pretrained, cache_dir=cfg.cache_dir, device=device)
+    return LoadedRun(cfg, tuned_model(run, base), frozen_copy(base.encoder))

@@ -9,6 +9,7 @@ the training seed: runs of several seeds are compared on the same images.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,7 +21,7 @@ from .config import ConfigError, TrainConfig, resolve_device
 from .data import DataBundle, fixed_subset, load_dataset, stack
 from .evaluate import evaluate_encoder
 from .models import LoadedCLIP, ZeroShotClassifier, frozen_copy, load_clip, load_encoder_weights, weights_id
-from .rundir import ENCODER, SUMMARY, read_json
+from .rundir import ADAPTER, ENCODER, SUMMARY, read_json, tuned_model
 
 
 @dataclass
@@ -35,8 +36,12 @@ class Workbench:
     images: torch.Tensor  # those test images, on device
     labels: torch.Tensor
     class_embeddings: torch.Tensor  # [C, D] zero-shot weights of data's class names and templates
-    original: nn.Module  # φθ0: a frozen copy of the image tower as loaded
     base_weights: str  # models.weights_id of the loaded weights
+
+    @functools.cached_property
+    def original(self) -> nn.Module:
+        """φθ0: a frozen copy of the image tower as loaded (made on first use: a LoRA run needs none)."""
+        return frozen_copy(self.clip.encoder)
 
     def classifier(self, encoder: nn.Module | None = None) -> ZeroShotClassifier:
         """The zero-shot head over this data set's classes, on `encoder` (default: the original)."""
@@ -50,7 +55,9 @@ class Workbench:
         saved = read_json(run / SUMMARY).get("base_weights")
         if saved != self.base_weights:
             raise ConfigError(f"run={str(run)!r} was fine-tuned from {saved}, not from {self.base_weights}")
-        return self.load_encoder(run / ENCODER)
+        if not (run / ADAPTER).is_file():
+            return self.load_encoder(run / ENCODER)
+        return frozen_copy(tuned_model(run, self.clip).encoder)
 
     def load_encoder(self, path: str | Path) -> nn.Module:
         """A copy of the original image encoder with the weights of `path` (a run's encoder.pt)."""
@@ -78,7 +85,7 @@ def setup(cfg: TrainConfig, *, subset_seed: int = 0) -> Workbench:
     indices = fixed_subset(len(data.test), cfg.eval_samples, subset_seed)
     images, labels = stack(data.test, indices)
     return Workbench(cfg, device, clip, data, indices, images.to(device), labels.to(device),
-                     clip.class_embeddings(data.classnames, data.templates, device), frozen_copy(clip.encoder),
+                     clip.class_embeddings(data.classnames, data.templates, device),
                      weights_id(cfg.model, cfg.pretrained, cfg.cache_dir))
 
 

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 import lorekit.models  # noqa: F401  (registers the lorekit-tiny config)
-from lorekit.adapters import SplitQKVAttention, add_lora, parameter_counts
+from lorekit.adapters import SplitQKVAttention, add_lora
 from lorekit.config import ConfigError
+from lorekit.models import parameter_counts
 
 CONTEXT = 16
 
@@ -254,3 +255,42 @@ def test_models_without_open_clip_attention_blocks_are_refused():
     odd.visual.transformer.resblocks[1].attn = nn.MultiheadAttention(96, 3, batch_first=True, add_bias_kv=True)
     with pytest.raises(ConfigError, match=r"visual\.transformer\.resblocks\.1\.attn is a MultiheadAttention"):
         add_lora(odd, towers="image")
+
+
+# ------------------------------------------------------------------------- adapters in the training loop
+def test_lore_on_lora_trains_only_adapters_against_the_same_model_with_them_off(tmp_path, one_thread):
+    import lorekit
+    from lorekit.rundir import load_run
+    from lorekit.trainer import build
+
+    cfg = lorekit.recipe("tiny", "lore", adapter="lora", lora_rank=4, lora_alpha=8.0, steps=3, batch_size=8,
+                         attack_steps=1, eval_samples=16, checkpoint_every=2, run_dir=str(tmp_path / "run"))
+    trainer = build(cfg)
+    encoder = trainer.encoder
+    frozen = {n: p.detach().clone() for n, p in encoder.named_parameters() if not p.requires_grad}
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        before = trainer.reference(x)
+    summary = trainer.fit(progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.reference(x), before, rtol=0, atol=0)  # φθ0 untouched by training
+        assert not torch.allclose(encoder(x), before)  # the adapted encoder moved
+    assert all(torch.equal(p, frozen[n]) for n, p in encoder.named_parameters() if n in frozen)
+    assert summary["ledger"]["passes_fwd_reference"] == 3 * 8  # the reference runs the encoder: counted once
+    trainable, total = summary["parameters"]["trainable"], summary["parameters"]["total"]
+    assert 0 < trainable < total / 20 and all("lora_" in n for n, p in encoder.named_parameters() if p.requires_grad)
+    # only adapter weights are saved, in the checkpoint and as the run's result
+    run = cfg.run_path
+    assert (run / "adapter.pt").is_file() and not (run / "encoder.pt").exists()
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)["encoder"]
+    assert saved.keys() == torch.load(run / "adapter.pt", weights_only=True).keys()
+    assert sum(t.numel() for t in saved.values()) == trainable
+    # the finished run, merged back into a plain open_clip model, computes the adapted encoder's embeddings
+    loaded = load_run(run)
+    assert not any("lora" in k for k in loaded.clip.model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.clip.encoder(x), encoder.eval()(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(loaded.original(x), before, rtol=1e-5, atol=1e-6)
+    bench = lorekit.setup(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(bench.encoder_of(run)(x), loaded.clip.encoder(x), rtol=1e-5, atol=1e-6)
