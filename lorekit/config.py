@@ -126,6 +126,11 @@ class TrainConfig:
     steps: int = 150
     """Number of training batches (outer iterations)."""
 
+    budget: int = 0
+    """Compute budget in training passes (images × encoder passes, as lorekit.ledger counts them); when
+    > 0 it sets `steps` to the most batches that fit, so methods of different cost are compared at equal
+    compute. 0: train for `steps` batches."""
+
     batch_size: int = 64
     """Images per batch."""
 
@@ -265,9 +270,17 @@ class TrainConfig:
         for name in ("steps", "batch_size", "attack_steps", "dual_hidden", "checkpoint_every", "eval_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be an integer >= 1")
-        for name in ("eval_every", "workers"):
+        for name in ("eval_every", "workers", "budget"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be an integer >= 0")
+        if self.budget:
+            from .methods import get
+
+            per_step = get(self.method).passes_per_step(self)
+            if self.budget < per_step:
+                raise ConfigError(f"budget={self.budget}: less than one step of {self.method} "
+                                  f"({per_step} training passes at batch_size={self.batch_size})")
+            self.steps = self.budget // per_step
         resolve_device(self.device)
         return self
 

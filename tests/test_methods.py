@@ -148,6 +148,15 @@ def test_the_ledger_counts_passes_per_phase(tmp_path, method, k, fwd_update, tel
     assert ledger["training_passes"] == S * B * (1 + 2 * T + 2 * fwd_update)
     assert ledger["passes"] == ledger["training_passes"] + S * telemetry * B
     assert ledger["updates"] == S * k and ledger["wall_time_s"] > 0
+    assert ledger["training_passes"] == S * methods.get(method).passes_per_step(trainer.cfg)  # the formula budgets use
+
+
+def test_a_budget_sets_the_steps_that_fit():
+    lore = TrainConfig(method="lore", batch_size=10, attack_steps=2, budget=10_000).validate()
+    fare = TrainConfig(method="fare", batch_size=10, attack_steps=2, budget=10_000).validate()
+    assert lore.steps == 10_000 // (10 + 40 + 2 * 5 * 20) and fare.steps == 10_000 // (10 + 40 + 20)
+    with pytest.raises(Exception, match="budget=100: less than one step of lore"):
+        TrainConfig(method="lore", batch_size=10, budget=100).validate()
 
 
 def test_every_method_is_one_registered_class_with_what_the_loop_needs():

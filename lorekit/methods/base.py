@@ -77,6 +77,15 @@ class Method:
     fields: ClassVar[tuple[str, ...]] = ()  # the config fields only this method reads
     primal_steps: ClassVar[int] = 1  # K, encoder updates per adversarial batch, when the config leaves it 0
     needs_head: ClassVar[bool] = False  # needs class embeddings (a zero-shot head) to train
+    clean_in_update: ClassVar[bool] = False  # each update also forwards the clean images (LORE, FARE-reg)
+
+    @classmethod
+    def passes_per_step(cls, cfg: "TrainConfig") -> int:
+        """Training passes one global batch costs, as lorekit.ledger counts them: the reference forward, the
+        attack's forward+backward per PGD iteration, and K updates' forward+backward (over [x+δ; x] when the
+        update also sees the clean images). tests/test_methods.py checks it against the ledger."""
+        b, k = cfg.batch_size, cfg.primal_steps or cls.primal_steps
+        return b + 2 * cfg.attack_steps * b + 2 * k * b * (2 if cls.clean_in_update else 1)
 
     def __init__(self, cfg: "TrainConfig", ctx: Context) -> None:
         self.cfg, self.ctx = cfg, ctx

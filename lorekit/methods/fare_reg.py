@@ -11,6 +11,7 @@ from .base import Batch, Method, Update
 class FAREReg(Method):
     name, label, knob, knob_label, fields = "fare-reg", "FARE-reg", "lam", "λ", ("lam",)
     color = "#ff7f0e"
+    clean_in_update = True
 
     def update(self, batch: Batch) -> Update:
         for _ in range(self.k):

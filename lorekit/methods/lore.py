@@ -21,6 +21,7 @@ from .base import Batch, Context, Method, Update
 class LORE(Method):
     name, label, knob, knob_label = "lore", "LORE", "rho", "ρ"
     color = "#2ca02c"
+    clean_in_update = True
     fields = ("rho", "dual", "dual_hidden", "dual_lr", "lambda_init")
     primal_steps = 5
 
