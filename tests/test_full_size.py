@@ -9,6 +9,7 @@ small as it can be (batch 2, PGD-1, K = 2, 3 test images).
 """
 
 import copy
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -43,7 +44,8 @@ def _image(kind: str, rng: np.random.Generator) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    """(workbench, {method: run dir}): the folder, the random base weights, and one FARE and one LORE run."""
+    """(workbench, {method: run dir}, scratch folder): the image folder, the random base weights, one FARE and one
+    LORE run. The scratch folder (~3 GB: weights, checkpoints, an export) is deleted at the end."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # on a shared 2-core machine two OpenMP threads stall each other (measured: 4× slower)
     root = tmp_path_factory.mktemp("full_size")
@@ -67,13 +69,14 @@ def bench(tmp_path_factory):
             Trainer(run_cfg, copy.deepcopy(wb.clip.encoder), wb.data.train, class_embeddings=wb.class_embeddings,
                     reference=wb.original, base_weights=wb.base_weights).fit(progress=False)
             runs[method] = run_cfg.run_path
-        yield wb, runs
+        yield wb, runs, root
     finally:
         torch.set_num_threads(threads)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_the_folder_is_read_at_the_model_size_with_its_class_names(bench):
-    wb, _ = bench
+    wb, _, _ = bench
     assert wb.data.classnames == ["blue stripes", "green disc", "red square"]
     assert wb.clip.encoder.image_size == (224, 224)
     assert wb.images.shape == (3, 3, 224, 224) and 0 <= wb.images.min() and wb.images.max() <= 1
@@ -85,7 +88,7 @@ def test_the_folder_is_read_at_the_model_size_with_its_class_names(bench):
 
 @pytest.mark.parametrize("method,updates,update_images", [("fare", 2, 2 * 2), ("lore", 2 * 2, 2 * 2 * 2 * 2)])
 def test_fare_and_lore_train_and_checkpoint_the_full_size_encoder(bench, method, updates, update_images):
-    wb, runs = bench
+    wb, runs, _ = bench
     run = runs[method]
     records = [r for r in read_metrics(run) if r["kind"] == "train"]
     assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)
@@ -100,16 +103,16 @@ def test_fare_and_lore_train_and_checkpoint_the_full_size_encoder(bench, method,
 
 
 def test_the_fine_tuned_encoder_evaluates(bench):
-    wb, runs = bench
+    wb, runs, _ = bench
     result = wb.evaluate(wb.encoder_of(runs["lore"]), [4 / 255], steps=1, rho=0.1)
     assert set(result) == {"clean_acc", "robust_acc@4", "cosine", "fidelity", "satisfied"}
     assert 0 <= result["robust_acc@4"] <= result["clean_acc"] <= 1
     assert result["cosine"] < 1 - 1e-4 and result["fidelity"] > 0
 
 
-def test_the_export_loads_in_open_clip_and_matches_with_open_clips_own_preprocessing(bench, tmp_path):
-    wb, runs = bench
-    folder = export(runs["lore"], tmp_path / "lore-vit-b-32", formats=("safetensors",))
+def test_the_export_loads_in_open_clip_and_matches_with_open_clips_own_preprocessing(bench):
+    wb, runs, root = bench
+    folder = export(runs["lore"], root / "lore-vit-b-32", formats=("safetensors",))
     model, _, preprocess = open_clip.create_model_and_transforms(
         "ViT-B-32", pretrained=str(folder / "open_clip_model.safetensors"))
     model.eval()
