@@ -67,7 +67,8 @@ def pyautoattack_robust(classifier: torch.nn.Module, x: torch.Tensor, y: torch.T
     """Robust flags from the official code, set up to match `autoattack_custom`'s defaults."""
     from pyautoattack import AutoAttack
 
-    aa = AutoAttack(classifier, attacks=["apgd-ce", "apgd-t"], eps=eps, norm="Linf", version="custom", seed=seed)
+    aa = AutoAttack(classifier, attacks=["apgd-ce", "apgd-t"], eps=eps, norm="Linf", version="custom", seed=seed,
+                    device=x.device)  # its default is the CPU, wherever the model and samples are
     aa.apgd.n_restarts = 1  # 'custom' keeps 5 otherwise
     aa.apgd_targeted.n_target_classes = 9
     for attack in (aa.apgd, aa.apgd_targeted):  # the step-size schedule is derived at construction

@@ -1,4 +1,4 @@
-"""Command line: python -m lorekit {train,eval,robust-eval,demo,sweep} ...  (see --help of each)."""
+"""Command line: python -m lorekit {train,eval,robust-eval,export,demo,sweep} ...  (see --help of each)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import sys
 from dataclasses import replace
 
-from . import recipes, robustness, sweep
+from . import export, recipes, robustness, sweep
 from .config import ConfigError, TrainConfig, add_config_arguments, given_fields
 from .stopping import RunStopped
 
@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("robust-eval", help="AutoAttack-style zero-shot robustness (APGD-CE + APGD-T)")
     robustness.add_arguments(p)
     p.set_defaults(func=robustness.run)
+
+    p = commands.add_parser("export", help="write a finished run as an open_clip / Hugging Face Hub model folder")
+    export.add_arguments(p)
+    p.set_defaults(func=export.run)
 
     p = commands.add_parser("demo", help="FARE vs LORE on the embedded default, with a table and a plot")
     p.add_argument("--out", default="runs/demo", help="output folder")

@@ -50,14 +50,19 @@ EXISTING = ("error", "reuse", "overwrite")
 
 # ----------------------------------------------------------------------------- atomic files
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` on a temporary file next to `path`, then rename it over `path`."""
+    """Call `write(tmp)` on a temporary path next to `path`, then rename it over `path`.
+
+    `write` may create a file, or a folder (which can only replace a missing or empty `path`)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
+        else:
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
