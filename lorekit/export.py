@@ -62,8 +62,8 @@ def export(run: str | Path, dest: str | Path, *, overwrite: bool = False,
         raise ConfigError(f"formats={list(formats)!r}: choose one or more of {', '.join(FORMATS)}")
     _check_destination(dest, overwrite)
     cfg, summary = _finished_run(run)
-    tuned = load_clip(cfg.model, cfg.pretrained, image_encoder=run / rundir.ENCODER, cache_dir=cfg.cache_dir)
-    _check_finite(tuned, run)
+    # the fine-tuned weights (a LoRA run's adapters folded in); non-finite weights are refused while loading
+    tuned = rundir.tuned_model(run, load_clip(cfg.model, cfg.pretrained, cache_dir=cfg.cache_dir))
     model_cfg = _model_config(tuned.name, cfg.cache_dir)
 
     trash = dest.with_name(f".{dest.name}.old{os.getpid()}")
@@ -112,13 +112,6 @@ def _finished_run(run: Path) -> tuple[TrainConfig, dict[str, Any]]:
                           f"but model={cfg.model!r} pretrained={cfg.pretrained!r} now resolves to {now}; the "
                           "exported text tower would not be the one the run was trained against")
     return cfg, summary
-
-
-def _check_finite(tuned: LoadedCLIP, run: Path) -> None:
-    bad = [k for k, v in tuned.encoder.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
-    if bad:
-        raise ConfigError(f"run={str(run)!r}: the fine-tuned encoder holds non-finite weights "
-                          f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); nothing to export")
 
 
 def _model_config(name: str, cache_dir: str) -> dict[str, Any]:
