@@ -21,7 +21,7 @@ import json
 import math
 import time
 from contextlib import nullcontext
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -82,13 +82,15 @@ class Trainer:
 
     `class_embeddings` (a zero-shot head) is needed by methods that classify (TeCoA) and enables the
     periodic accuracy evaluation; without it the periodic evaluation reports embedding metrics only.
-    `world` is the data-parallel world (lorekit.distributed.World.from_env under torchrun).
+    `world` is the data-parallel world (lorekit.distributed.World.from_env under torchrun). `clip`,
+    `classnames` and `templates` reach methods that need the text tower (lorekit.methods.base.Context).
     """
 
     def __init__(self, cfg: TrainConfig, encoder: nn.Module, train_set: Dataset, *,
                  eval_images: torch.Tensor | None = None, eval_labels: torch.Tensor | None = None,
                  class_embeddings: torch.Tensor | None = None, reference: nn.Module | None = None,
-                 adapters: Any = None, base_weights: str | None = None, world: World | None = None) -> None:
+                 adapters: Any = None, base_weights: str | None = None, world: World | None = None,
+                 clip: Any = None, classnames: Sequence[str] = (), templates: Sequence[str] = ()) -> None:
         self.cfg = cfg.validate()
         method = methods.get(cfg.method)
         self.world = world or World.from_env(cfg.device)
@@ -135,7 +137,7 @@ class Trainer:
         self.trained = self.world.wrap(self.encoder)
         trained_head = ZeroShotClassifier(self.trained, self.class_embeddings) if self.classifier is not None else None
         ctx = Context(cfg, self.encoder, self.trained, self.classifier, trained_head, embed_dim, self.device,
-                      self.autocast, self._primal_step, self.world.average_gradients)
+                      self.autocast, self._primal_step, self.world.average_gradients, clip, classnames, templates)
         self.method = method(cfg, ctx)
         self.step = 0
         self._grad_norm: torch.Tensor | None = None  # the largest gradient norm of the step's updates
@@ -406,7 +408,8 @@ def build(cfg: TrainConfig, world: World | None = None) -> Trainer:
         reference = bench.original  # a frozen copy, taken before any update
     return Trainer(cfg, bench.clip.encoder, bench.data.train, eval_images=bench.images, eval_labels=bench.labels,
                    class_embeddings=bench.class_embeddings, reference=reference, adapters=adapters,
-                   base_weights=bench.base_weights, world=world)
+                   base_weights=bench.base_weights, world=world, clip=bench.clip, classnames=bench.data.classnames,
+                   templates=bench.data.templates)
 
 
 def train(cfg: TrainConfig, *, existing: str = "error", callback: Callable[[Record], None] | None = None,

@@ -10,7 +10,7 @@ optimised as an `Update`. A method's own state (LORE's dual network) goes into c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Sequence
 
 import torch
 from torch import nn
@@ -59,6 +59,9 @@ class Context:
     autocast: Callable[[], ContextManager[Any]]
     primal_step: Callable[[torch.Tensor], None]  # one encoder update on a loss: backward, AdamW step, schedule
     reduce_gradients: Callable[[nn.Module], None] = lambda module: None  # averages a method's own gradients over ranks
+    clip: Any = None  # the whole models.LoadedCLIP (text tower, tokenizer) when the trainer was built from one
+    classnames: Sequence[str] = ()  # the training data's class names and prompt templates, for methods that
+    templates: Sequence[str] = ()  # recompute class embeddings through a text tower that trains
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """φθ(images) through the trained module, as float32."""
