@@ -22,16 +22,16 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
-from tqdm.auto import tqdm
 
 from . import methods, rundir
 from .attacks import LossFn, pgd
 from .config import ConfigError, TrainConfig, resolve_device
-from .evaluate import clean_accuracy, embedding_metrics, pgd_accuracy
+from .evaluate import batch_count, clean_accuracy, embedding_metrics, pgd_accuracy
 from .ledger import Ledger
 from .losses import sqdist
 from .methods import Batch, Context, Update
 from .models import ZeroShotClassifier, frozen_copy
+from .progress import Progress
 
 Record = dict[str, Any]
 QUANTILES = (0.1, 0.5, 0.9)
@@ -170,17 +170,20 @@ class Trainer:
         return log
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self) -> Record:
-        """Periodic held-out evaluation: clean and PGD robust accuracy at the training ε, fidelity."""
+    def evaluate(self, progress: bool = False) -> Record:
+        """Held-out evaluation: clean and PGD robust accuracy at the training ε, fidelity; `progress` reports
+        its batches (the final evaluation; the periodic ones run inside the training's progress)."""
         if self.eval_images is None:
             return {}
         self.encoder.eval()
         out: Record = embedding_metrics(self.encoder, self.reference, self.eval_images, self.cfg.rho)
         if self.classifier is not None:
-            with self.autocast():
-                out["clean_acc"] = clean_accuracy(self.classifier, self.eval_images, self.eval_labels)
+            with self.autocast(), Progress(2 * batch_count(len(self.eval_images)), f"{self.cfg.method} evaluation",
+                                           unit="batch", enabled=progress) as bar:
+                out["clean_acc"] = clean_accuracy(self.classifier, self.eval_images, self.eval_labels, progress=bar)
                 out["robust_acc"] = pgd_accuracy(self.classifier, self.eval_images, self.eval_labels, self.cfg.eps,
-                                                 steps=self.cfg.attack_steps, norm=self.cfg.norm, seed=self.cfg.seed)
+                                                 steps=self.cfg.attack_steps, norm=self.cfg.norm, seed=self.cfg.seed,
+                                                 progress=bar)
         self.encoder.train()
         return out
 
@@ -239,7 +242,7 @@ class Trainer:
         else:
             rundir.start(cfg)
         start_time = time.perf_counter()
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.method}", disable=not progress)
+        bar = Progress(cfg.steps, cfg.method, initial=self.step, enabled=progress)
         with open(run / rundir.METRICS, "a") as metrics:
             for x, y in self._batches():
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -261,10 +264,9 @@ class Trainer:
                 metrics.flush()
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     self.save_checkpoint()
-                bar.update(1)
-                bar.set_postfix(loss=f"{values['loss']:.3g}", viol=f"{values['violation']:.2f}")
+                bar.update(1, loss=values["loss"], viol=values["violation"])
         bar.close()
-        final = {"kind": "eval", "step": self.step, **self.evaluate()}
+        final = {"kind": "eval", "step": self.step, **self.evaluate(progress)}
         with open(run / rundir.METRICS, "a") as metrics:
             metrics.write(json.dumps(final) + "\n")
         if callback is not None:
