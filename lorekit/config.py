@@ -35,6 +35,15 @@ class ConfigError(ValueError):
     """A config field holds a value the run cannot use; the message names the field."""
 
 
+def describe(error: BaseException, limit: int = 300) -> str:
+    """'Type: message' on one line, for quoting a library's exception inside a ConfigError; a long message is
+    cut at a word and marked with an ellipsis rather than ending mid-word."""
+    text = " ".join(str(error).split())
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " …"
+    return f"{type(error).__name__}: {text}"
+
+
 def default_cache_dir() -> str:
     """Where pretrained checkpoints and data live: $LOREKIT_CACHE, else ~/.cache/lorekit."""
     return os.environ.get("LOREKIT_CACHE", str(Path("~/.cache/lorekit").expanduser()))

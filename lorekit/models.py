@@ -24,7 +24,7 @@ from torch import nn
 
 from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 
-from .config import ConfigError
+from .config import ConfigError, describe
 from .pretrain import TINY_MODEL, TINY_TAG, pretrained_tiny_checkpoint, tiny_checkpoint_path
 
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
@@ -237,12 +237,12 @@ def load_clip(name: str, pretrained: str = "", *, image_encoder: str | Path | No
             what = (f"pretrained={pretrained!r}: not a readable open_clip checkpoint for {resolved!r}"
                     if _looks_like_path(pretrained) else f"model={name!r}, pretrained={pretrained!r}: open_clip "
                     f"cannot load it from {cache}")
-            raise ConfigError(f"{what} ({type(e).__name__}: {str(e)[:300]})") from None
+            raise ConfigError(f"{what} ({describe(e)})") from None
         try:
             tokenizer = open_clip.get_tokenizer(resolved, cache_dir=cache)
         except Exception as e:  # a Hugging Face tokenizer that is not in the cache
-            raise ConfigError(f"model={name!r}: its tokenizer is not in the local cache ({type(e).__name__}: "
-                              f"{str(e)[:300]}); put its files in {hub_caches(cache_dir)[-1]}") from None
+            raise ConfigError(f"model={name!r}: its tokenizer is not in the local cache ({describe(e)}); put its "
+                              f"files in {hub_caches(cache_dir)[-1]}") from None
     model = model.to(device).eval()
     pp = model.visual.preprocess_cfg if hasattr(model.visual, "preprocess_cfg") else {}
     encoder = ImageEncoder(model.visual, model.visual.image_size,
@@ -263,7 +263,7 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
         encoder.load_state_dict(state)
     except Exception as e:
         raise ConfigError(f"image_encoder={str(path)!r}: not a state dict for this encoder "
-                          f"({type(e).__name__}: {str(e)[:200]})") from None
+                          f"({describe(e)})") from None
 
 
 @torch.no_grad()

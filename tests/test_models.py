@@ -65,6 +65,14 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         load_clip("lorekit-tiny", str(bad))
 
 
+def test_a_checkpoint_of_another_architecture_names_the_problem_without_cutting_a_word(tmp_path):
+    other = tmp_path / "other.pt"
+    torch.save(torch.nn.Linear(3, 3).state_dict(), other)
+    with pytest.raises(ConfigError, match=r"other\.pt.*not a readable open_clip checkpoint.*Missing key\(s\)") as err:
+        load_clip("lorekit-tiny", str(other))
+    assert str(err.value).endswith(" …)") and "\n" not in str(err.value)
+
+
 def test_wrapper_resizes_and_normalises_inside_forward():
     seen = {}
 
