@@ -18,9 +18,9 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from filelock import FileLock
-from tqdm.auto import tqdm
 
-from .config import default_cache_dir
+from .config import ConfigError, default_cache_dir
+from .progress import Progress
 from .rundir import atomic_write
 
 TINY_MODEL = "lorekit-tiny"
@@ -62,7 +62,8 @@ def pretrain_tiny(settings: dict = SETTINGS, progress: bool = True) -> dict[str,
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / total)).item()))
     model.train()
-    for _ in tqdm(range(total), desc="pretraining lorekit-tiny on digits", disable=not progress):
+    bar = Progress(total, "pretraining lorekit-tiny on digits", enabled=progress)
+    for _ in range(total):
         idx = torch.randint(0, len(y_all), (settings["batch_size"],), generator=gen)
         x, y = _augment(x_all[idx], settings["shift"], gen), y_all[idx]
         pick = torch.randint(0, prompts.shape[1], (prompts.shape[0],), generator=gen)
@@ -81,6 +82,8 @@ def pretrain_tiny(settings: dict = SETTINGS, progress: bool = True) -> dict[str,
         sched.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, 4.6052)
+        bar.update(loss=loss.item())
+    bar.close()
     return model.eval().state_dict()
 
 
@@ -93,7 +96,10 @@ def tiny_checkpoint_path(cache_dir: str | Path | None = None) -> Path:
 def pretrained_tiny_checkpoint(cache_dir: str | Path | None = None) -> Path:
     """Path of the cached pretrained lorekit-tiny checkpoint, pretraining it on first use."""
     path = tiny_checkpoint_path(cache_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cache_dir={str(path.parent)!r}: cannot create the cache folder ({e})") from None
     with FileLock(str(path) + ".lock"):
         if not path.exists():
             print(f"lorekit: pretraining the embedded lorekit-tiny CLIP on digits (once); caching to {path}")

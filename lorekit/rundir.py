@@ -81,6 +81,19 @@ def read_json(path: str | Path) -> Any:
         raise ConfigError(f"{path}: cannot read JSON ({type(e).__name__}: {e})") from None
 
 
+def check_output_dir(path: str | Path, field: str) -> None:
+    """Refuse an output folder that cannot be created or written, before any work: `path` (or a parent of it)
+    is a file, or the nearest existing folder is not writable. ConfigError names `field`."""
+    path = Path(path)
+    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == path.absolute() else f"lies under {str(existing)!r}, which is a file"
+        raise ConfigError(f"{field}={str(path)!r}: {where}, not a folder; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{field}={str(path)!r}: cannot write to {str(existing)!r} (permission denied); "
+                          "choose a writable folder")
+
+
 # ----------------------------------------------------------------------------- naming
 def config_hash(cfg: TrainConfig) -> str:
     """Short hash of the fields that make a run different (not run_dir, device, workers, ...)."""
@@ -204,6 +217,7 @@ def prepare(cfg: TrainConfig, existing: str = "error") -> tuple[TrainConfig, Rec
     if existing not in EXISTING:
         raise ConfigError(f"existing={existing!r}: must be one of {', '.join(EXISTING)}")
     run = cfg.run_path
+    check_output_dir(run, "run_dir")
     if existing == "error":
         return check(cfg), None
     if existing == "reuse":
@@ -267,12 +281,16 @@ class LoadedRun(NamedTuple):
     original: Any  # the frozen φθ0
 
 
-def read_config(run_dir: str | Path) -> TrainConfig:
-    """The validated config a run directory was trained with."""
+def read_config(run_dir: str | Path, **overrides: Any) -> TrainConfig:
+    """The validated config a run directory was trained with, with `overrides` applied before validation
+    (e.g. device: a run trained on a GPU is read back on a machine without one)."""
     run = Path(run_dir)
     if not (run / CONFIG).is_file():
         raise ConfigError(f"run={str(run)!r}: not a run directory (no {CONFIG})")
-    return TrainConfig.from_dict(read_json(run / CONFIG))
+    saved = read_json(run / CONFIG)
+    if not isinstance(saved, dict):
+        raise ConfigError(f"run={str(run)!r}: {CONFIG} does not hold a config object")
+    return TrainConfig.from_dict({**saved, **overrides})
 
 
 def tuned_model(run_dir: str | Path, base: Any) -> Any:
@@ -305,7 +323,7 @@ def _load_tensors(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ConfigError(f"{path}: not a readable weights file ({type(e).__name__}: {str(e)[:200]})") from None
+        raise ConfigError(f"{path}: not a readable weights file ({describe(e)})") from None
 
 
 def load_run(run_dir: str | Path, device: Any = "cpu") -> LoadedRun:
@@ -313,7 +331,7 @@ def load_run(run_dir: str | Path, device: Any = "cpu") -> LoadedRun:
     from .models import frozen_copy, load_clip
 
     run = Path(run_dir)
-    cfg = read_config(run)
+    cfg = read_config(run, device="auto")  # the device it trained on may not exist here; `device` is where it loads
     if not is_finished(run):
         raise ConfigError(f"run={str(run)!r}: not finished (no {SUMMARY}); resume it with --resume first")
     base = load_clip(cfg.model, cfg.pretrained, cache_dir=cfg.cache_dir, device=device)

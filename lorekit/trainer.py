@@ -26,7 +26,6 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
-from tqdm.auto import tqdm
 
 from . import methods, rundir
 from .attacks import LossFn, pgd, seeded_random_start
@@ -37,6 +36,7 @@ from .ledger import Ledger
 from .losses import sqdist
 from .methods import Batch, Context, Update
 from .models import ZeroShotClassifier, frozen_copy, parameter_counts
+from .progress import Progress
 from .stopping import Diverged, Interrupted, StopFlag
 from .tracking import Tracker
 
@@ -214,17 +214,20 @@ class Trainer:
         return log
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self) -> Record:
-        """Periodic held-out evaluation: clean and PGD robust accuracy at the training ε, fidelity."""
+    def evaluate(self, progress: bool = False) -> Record:
+        """Held-out evaluation: clean and PGD robust accuracy at the training ε, fidelity; `progress` reports
+        its batches (the final evaluation; the periodic ones run inside the training's progress)."""
         if self.eval_images is None:
             return {}
         self.encoder.eval()
         out: Record = embedding_metrics(self.encoder, self.reference, self.eval_images, self.cfg.rho)
         if self.classifier is not None:
-            with self.autocast():
-                out["clean_acc"] = clean_accuracy(self.classifier, self.eval_images, self.eval_labels)
+            with self.autocast(), Progress(2 * batch_count(len(self.eval_images)), f"{self.cfg.method} evaluation",
+                                           unit="batch", enabled=progress) as bar:
+                out["clean_acc"] = clean_accuracy(self.classifier, self.eval_images, self.eval_labels, progress=bar)
                 out["robust_acc"] = pgd_accuracy(self.classifier, self.eval_images, self.eval_labels, self.cfg.eps,
-                                                 steps=self.cfg.attack_steps, norm=self.cfg.norm, seed=self.cfg.seed)
+                                                 steps=self.cfg.attack_steps, norm=self.cfg.norm, seed=self.cfg.seed,
+                                                 progress=bar)
         self.encoder.train()
         return out
 
@@ -307,7 +310,7 @@ class Trainer:
             rundir.start(cfg)
         start_time = time.perf_counter()
         tracker = Tracker(cfg, run) if main else None
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.method}", disable=not (progress and main))
+        bar = Progress(cfg.steps, cfg.method, initial=self.step, enabled=progress and main)
         flag = StopFlag()
         try:
             with flag.installed(), (open(run / rundir.METRICS, "a") if main else nullcontext()) as metrics:
@@ -338,8 +341,7 @@ class Trainer:
                         raise Diverged(self.step, bad, values[bad], self._last_checkpoint())
                     if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps or signum:
                         self.save_checkpoint()
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{values['loss']:.3g}", viol=f"{values['violation']:.2f}")
+                    bar.update(1, loss=values["loss"], viol=values["violation"])
                     if signum and self.step < cfg.steps:
                         raise Interrupted(signum, self.step, cfg.steps, run)
             bar.close()
@@ -348,7 +350,7 @@ class Trainer:
                        "updates_per_batch": cfg.updates_per_batch, "world_size": self.world.size,
                        "ledger": self.ledger.totals()}
             if main:
-                summary.update(self._finish(tracker, callback, start_time))
+                summary.update(self._finish(tracker, callback, start_time, progress))
             return self.world.broadcast(summary)  # every rank returns rank 0's summary
         finally:
             bar.close()
@@ -356,10 +358,11 @@ class Trainer:
                 tracker.close()
             self.world.barrier()  # no rank leaves (torchrun stops the others when one exits) before rank 0 wrote
 
-    def _finish(self, tracker: Tracker, callback: Callable[[Record], None] | None, start_time: float) -> Record:
+    def _finish(self, tracker: Tracker, callback: Callable[[Record], None] | None, start_time: float,
+                progress: bool) -> Record:
         """Rank 0: the final evaluation, the fine-tuned weights and the summary."""
         run = self.cfg.run_path
-        final = {"kind": "eval", "step": self.step, **self.evaluate()}
+        final = {"kind": "eval", "step": self.step, **self.evaluate(progress)}
         with open(run / rundir.METRICS, "a") as metrics:
             metrics.write(json.dumps(final) + "\n")
         tracker.log(final)

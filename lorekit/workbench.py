@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError, TrainConfig, resolve_device
-from .data import DataBundle, fixed_subset, load_dataset, stack
+from .data import DataBundle, check_dataset, fixed_subset, load_dataset, stack
 from .evaluate import evaluate_encoder
 from .models import LoadedCLIP, ZeroShotClassifier, frozen_copy, load_clip, load_encoder_weights, weights_id
 from .rundir import ADAPTER, ENCODER, SUMMARY, read_json, tuned_model
@@ -66,11 +66,12 @@ class Workbench:
         return encoder.eval()
 
     def evaluate(self, encoder: nn.Module, eps: Sequence[float], *, steps: int, rho: float | None = None,
-                 seed: int | None = None) -> dict[str, float]:
-        """Clean accuracy, PGD robust accuracy at each ε, cosine and fidelity to the original, on the subset."""
+                 seed: int | None = None, progress: bool = False, desc: str = "evaluation") -> dict[str, float]:
+        """Clean accuracy, PGD robust accuracy at each ε, cosine and fidelity to the original, on the subset;
+        `progress` reports it under `desc`."""
         return evaluate_encoder(encoder, self.original, self.class_embeddings, self.images, self.labels, eps,
                                 rho=rho, steps=steps, norm=self.cfg.norm,
-                                seed=self.cfg.seed if seed is None else seed)
+                                seed=self.cfg.seed if seed is None else seed, progress=progress, desc=desc)
 
 
 def setup(cfg: TrainConfig, *, subset_seed: int = 0) -> Workbench:
@@ -80,6 +81,7 @@ def setup(cfg: TrainConfig, *, subset_seed: int = 0) -> Workbench:
     """
     cfg.validate()
     device = resolve_device(cfg.device)
+    check_dataset(cfg.dataset)
     clip = load_clip(cfg.model, cfg.pretrained, cache_dir=cfg.cache_dir, device=device)
     data = load_dataset(cfg.dataset, root=cfg.data_path, image_size=clip.encoder.image_size[0])
     indices = fixed_subset(len(data.test), cfg.eval_samples, subset_seed)

@@ -65,6 +65,14 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         load_clip("lorekit-tiny", str(bad))
 
 
+def test_a_checkpoint_of_another_architecture_names_the_problem_without_cutting_a_word(tmp_path):
+    other = tmp_path / "other.pt"
+    torch.save(torch.nn.Linear(3, 3).state_dict(), other)
+    with pytest.raises(ConfigError, match=r"other\.pt.*not a readable open_clip checkpoint.*Missing key\(s\)") as err:
+        load_clip("lorekit-tiny", str(other))
+    assert str(err.value).endswith(" …)") and "\n" not in str(err.value)
+
+
 def test_wrapper_resizes_and_normalises_inside_forward():
     seen = {}
 
@@ -98,3 +106,36 @@ def test_embedded_default_is_a_good_zero_shot_classifier(tiny_clip, digits_bundl
     with torch.no_grad():
         acc = (clf(x).argmax(1) == y).float().mean().item()
     assert acc >= 0.90
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fail the test on any attempt to resolve a host name or open a connection."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        pytest.fail(f"network access attempted: {args[1:] or args}")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+@pytest.mark.parametrize("name,pretrained,repo,files", [
+    ("ViT-B-32", "openai", "timm/vit_base_patch32_clip_224.openai", "open_clip_pytorch_model.bin"),
+    ("hf-hub:lorekit/not-cached", "", "lorekit/not-cached", "open_clip_config.json and open_clip_model.safetensors"),
+])
+def test_uncached_weights_fail_at_once_saying_where_to_put_them(name, pretrained, repo, files, hub_cache, tmp_path,
+                                                                 no_network):
+    hub = hub_cache("someone/else", {})  # a hub cache that exists, without these files
+    with pytest.raises(ConfigError) as err:
+        load_clip(name, pretrained, cache_dir=tmp_path / "lorekit-cache")
+    message = str(err.value)
+    assert f"repo {repo!r}" in message and files in message
+    assert f"models--{repo.replace('/', '--')}/snapshots/<commit>/" in message
+    assert str(hub) in message and str(tmp_path / "lorekit-cache") in message and "HF_HOME" in message
+
+
+def test_cached_hub_weights_load_without_the_network(tiny_hub_repo, tmp_path, no_network):
+    tiny_hub_repo("lorekit/tiny-cached")
+    loaded = load_clip("hf-hub:lorekit/tiny-cached", cache_dir=tmp_path / "lorekit-cache")
+    assert loaded.encoder(torch.rand(1, 3, 32, 32)).shape == (1, 64)
