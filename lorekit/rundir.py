@@ -29,7 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
 
-from .config import NON_SEMANTIC_FIELDS, ConfigError, TrainConfig, config_diff
+from .config import NON_SEMANTIC_FIELDS, ConfigError, TrainConfig, config_diff, describe
 
 Record = dict[str, Any]
 

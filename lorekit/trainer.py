@@ -29,9 +29,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from . import methods, rundir
 from .attacks import LossFn, pgd, seeded_random_start
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, describe
 from .distributed import World
-from .evaluate import clean_accuracy, embedding_metrics, pgd_accuracy
+from .evaluate import batch_count, clean_accuracy, embedding_metrics, pgd_accuracy
 from .ledger import Ledger
 from .losses import sqdist
 from .methods import Batch, Context, Update
@@ -286,7 +286,7 @@ class Trainer:
             state = torch.load(path, map_location=self.device, weights_only=True)
         except Exception as e:
             raise ConfigError(f"{path}: missing or corrupt checkpoint, cannot resume "
-                              f"({type(e).__name__}: {str(e)[:200]})") from None
+                              f"({describe(e)})") from None
         saved = state.get("base_weights")
         if self.base_weights is not None and saved != self.base_weights:
             raise ConfigError(f"{path}: this run was fine-tuned from {saved or 'unrecorded weights'}, but "
@@ -296,7 +296,7 @@ class Trainer:
             self.load_state_dict(state)
         except Exception as e:
             raise ConfigError(f"{path}: checkpoint does not fit this run, cannot resume "
-                              f"({type(e).__name__}: {str(e)[:200]})") from None
+                              f"({describe(e)})") from None
 
     # ------------------------------------------------------------------ the loop
     def fit(self, callback: Callable[[Record], None] | None = None, progress: bool = True) -> Record:
