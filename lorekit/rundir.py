@@ -180,9 +180,8 @@ def lock(run: str | Path) -> Iterator[None]:
     again, so a run refused or failing before it starts leaves nothing behind.
     """
     run = Path(run)
-    if run.exists() and not run.is_dir():
-        raise ConfigError(f"run_dir={str(run)!r} is a file; a run directory must be a folder (or not exist yet)")
-    created = not run.exists()
+    check_output_dir(run, "run_dir")
+    created = [p for p in (run, *run.parents) if not p.exists()]  # what to remove again if nothing is written
     try:
         run.mkdir(parents=True, exist_ok=True)
         fd = os.open(run / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
@@ -203,7 +202,12 @@ def lock(run: str | Path) -> Iterator[None]:
         finally:
             os.ftruncate(fd, 0)
             if created and [p.name for p in run.iterdir()] == [LOCK]:
-                shutil.rmtree(run, ignore_errors=True)
+                (run / LOCK).unlink()
+                for folder in created:  # innermost first: each is empty once the one inside it is gone
+                    try:
+                        folder.rmdir()
+                    except OSError:  # something else arrived in it meanwhile: leave it
+                        break
     finally:
         os.close(fd)
 
@@ -217,7 +221,6 @@ def prepare(cfg: TrainConfig, existing: str = "error") -> tuple[TrainConfig, Rec
     if existing not in EXISTING:
         raise ConfigError(f"existing={existing!r}: must be one of {', '.join(EXISTING)}")
     run = cfg.run_path
-    check_output_dir(run, "run_dir")
     if existing == "error":
         return check(cfg), None
     if existing == "reuse":
