@@ -2,6 +2,7 @@
 
 - 'digits': scikit-learn's 1797 handwritten digits (ships inside the package, no network),
   upsampled from 8×8 to 32×32 RGB, with a fixed stratified train/test split.
+- the other domains of the embedded suite ('words', 'shapes', 'textures'; see `lorekit.suite`).
 - torchvision data sets by name, read from a local root with download=False.
 - image folders (one sub-folder per class; train/ and test/ sub-folders are used when present).
 
@@ -136,7 +137,7 @@ def image_folder(path: str | Path, image_size: int) -> DataBundle:
 
     path = Path(path)
     if not path.is_dir():
-        raise ConfigError(f"dataset={str(path)!r}: not a known data set name ({', '.join(['digits', *TORCHVISION_SETS])}) "
+        raise ConfigError(f"dataset={str(path)!r}: not a known data set name ({', '.join(builtin_names())}) "
                           "and not an image folder")
     if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*") if p.is_file()):
         raise ConfigError(f"dataset={str(path)!r}: image folder holds no images "
@@ -156,10 +157,19 @@ def image_folder(path: str | Path, image_size: int) -> DataBundle:
     return DataBundle(path.name, train, test, [c.replace("_", " ") for c in classes], list(FOLDER_TEMPLATES))
 
 
+def builtin_names() -> tuple[str, ...]:
+    """The data set names `load_dataset` resolves without a path: the embedded suite, torchvision sets."""
+    from .suite import SUITE  # imported here: the suite builds on this module
+
+    return (*SUITE, *TORCHVISION_SETS)
+
+
 def load_dataset(name: str, *, root: str | Path = "", image_size: int = 32) -> DataBundle:
     """Resolve a data set by name or path (see the module docstring)."""
-    if name == "digits":
-        return digits(image_size)
+    from .suite import SUITE, load_domain
+
+    if name in SUITE:
+        return load_domain(name, image_size)
     if name in TORCHVISION_SETS:
         return torchvision_set(name, root, image_size)
     return image_folder(name, image_size)

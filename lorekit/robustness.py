@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from .apgd import apgd, autoattack_custom, custom_attacks, frozen_parameters
 from .attacks import ce_attack_loss, pgd
 from .config import DEVICES, NORMS, ConfigError, check_choice, default_cache_dir, field_docs
-from .data import TORCHVISION_SETS
+from .data import builtin_names
 
 SANITY_CHECKS = ("monotone", "tiny_eps", "noise", "pgd", "zero_gradient")
 
@@ -62,7 +62,8 @@ class RobustEvalConfig:
     image_encoder: str = ""
     """Optional fine-tuned image-tower weights (a run's encoder.pt); '' keeps the pretrained tower."""
     dataset: str = "digits"
-    """'digits', a torchvision data set name under data_root, or an image folder."""
+    """A domain of the embedded suite ('digits', 'words', ...), a torchvision data set name under
+    data_root, or an image folder."""
     data_root: str = ""
     """Directory of torchvision data sets; '' means <cache_dir>/data."""
     cache_dir: str = field(default_factory=default_cache_dir)
@@ -115,9 +116,9 @@ class RobustEvalConfig:
                 raise ConfigError(f"{name}={value!r}: must be an integer >= 1")
         if not 0 < self.tiny_eps < min(self.eps):
             raise ConfigError(f"tiny_eps={self.tiny_eps!r}: must lie in (0, min(eps))")
-        if self.dataset not in ("digits", *TORCHVISION_SETS) and not Path(self.dataset).is_dir():
+        if self.dataset not in builtin_names() and not Path(self.dataset).is_dir():
             raise ConfigError(f"dataset={self.dataset!r}: not a known data set name "
-                              f"({', '.join(['digits', *TORCHVISION_SETS])}) and not an image folder")
+                              f"({', '.join(builtin_names())}) and not an image folder")
         check_choice("device", self.device, DEVICES)
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device='cuda': no CUDA device is visible; use 'auto' or 'cpu'")
