@@ -66,12 +66,13 @@ class TrainConfig:
 
     pretrained: str = "digits"
     """open_clip pretrained tag ('openai', 'laion2b_s34b_b79k'), a local checkpoint file, or ''
-    for random weights. 'digits' is lorekit-tiny pretrained on the embedded data set (cached); an
+    for random weights. 'digits' is lorekit-tiny pretrained on the embedded suite (cached); an
     'hf-hub:' model carries its own weights, so there the default 'digits' means ''."""
 
     dataset: str = "digits"
-    """'digits' (embedded, offline), a torchvision data set name ('cifar10', 'mnist', 'stl10', ...)
-    found under data_root, or the path of an image folder (one sub-folder per class)."""
+    """A domain of the embedded suite ('digits', 'words', 'shapes', 'textures'; offline), a torchvision
+    data set name ('cifar10', 'mnist', 'stl10', ...) found under data_root, or the path of an image
+    folder (one sub-folder per class)."""
 
     data_root: str = ""
     """Directory holding torchvision data sets; '' means <cache_dir>/data. Nothing is downloaded."""

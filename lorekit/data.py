@@ -2,6 +2,7 @@
 
 - 'digits': scikit-learn's 1797 handwritten digits (ships inside the package, no network),
   upsampled from 8×8 to 32×32 RGB, with a fixed stratified train/test split.
+- the other domains of the embedded suite ('words', 'shapes', 'textures'; see `lorekit.suite`).
 - torchvision data sets by name, read from a local root with download=False.
 - image folders (one sub-folder per class, at least two; train/ and test/ sub-folders are used when
   present). Every image is checked once when the folder is loaded, so a broken file is named before
@@ -176,17 +177,26 @@ def _check_images(folder: Path, samples: Sequence[tuple[str, int]]) -> None:
                               "fix or remove it") from None
 
 
+def builtin_names() -> tuple[str, ...]:
+    """The data set names `load_dataset` resolves without a path: the embedded suite, torchvision sets."""
+    from .suite import SUITE  # imported here: the suite builds on this module
+
+    return (*SUITE, *TORCHVISION_SETS)
+
+
 def check_dataset(name: str) -> None:
     """Refuse, before anything is loaded, a name that is neither a known data set nor a folder."""
-    if not name or (name != "digits" and name not in TORCHVISION_SETS and not Path(name).is_dir()):
-        raise ConfigError(f"dataset={name!r}: not a known data set name ({', '.join(['digits', *TORCHVISION_SETS])}) "
+    if not name or (name not in builtin_names() and not Path(name).is_dir()):
+        raise ConfigError(f"dataset={name!r}: not a known data set name ({', '.join(builtin_names())}) "
                           "and not an image folder")
 
 
 def load_dataset(name: str, *, root: str | Path = "", image_size: int = 32) -> DataBundle:
     """Resolve a data set by name or path (see the module docstring)."""
-    if name == "digits":
-        return digits(image_size)
+    from .suite import SUITE, load_domain
+
+    if name in SUITE:
+        return load_domain(name, image_size)
     if name in TORCHVISION_SETS:
         return torchvision_set(name, root, image_size)
     return image_folder(name, image_size)

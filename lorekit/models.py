@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import open_clip
+from open_clip.utils import freeze_batch_norm_2d
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,13 +36,16 @@ class ImageEncoder(nn.Module):
     """[0,1] RGB images -> raw (not L2-normalised) embeddings of any image tower.
 
     Resizes (short side, then centre crop, as the model's own preprocessing does) and normalises
-    inside forward, differentiably, so attacks and ε stay in pixel space.
+    inside forward, differentiably, so attacks and ε stay in pixel space. BatchNorm layers (ResNet
+    towers, the embedded model's included) are frozen to their running statistics, in place: with
+    batch statistics φθ(x) would depend on the rest of the batch, differ between train and eval mode,
+    and differ from φθ0(x) before any update, which would blur FARE's loss and LORE's constraint.
     """
 
     def __init__(self, visual: nn.Module, image_size: int | Sequence[int],
                  mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
-        self.visual = visual
+        self.visual = freeze_batch_norm_2d(visual)
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         self.image_size: tuple[int, int] = (int(size[0]), int(size[1]))
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)

@@ -63,7 +63,8 @@ class RobustEvalConfig:
     image_encoder: str = ""
     """Optional fine-tuned image-tower weights (a run's encoder.pt); '' keeps the pretrained tower."""
     dataset: str = "digits"
-    """'digits', a torchvision data set name under data_root, or an image folder."""
+    """A domain of the embedded suite ('digits', 'words', ...), a torchvision data set name under
+    data_root, or an image folder."""
     data_root: str = ""
     """Directory of torchvision data sets; '' means <cache_dir>/data."""
     cache_dir: str = field(default_factory=default_cache_dir)

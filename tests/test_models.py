@@ -11,13 +11,19 @@ from lorekit.config import ConfigError
 from lorekit.models import ImageEncoder, ZeroShotClassifier, class_embeddings, load_clip, resolve_model_name
 
 
+def _output_projection(model) -> tuple[str, torch.Tensor]:
+    """The image tower's last parameter (its output projection), whatever the architecture."""
+    return list(model.visual.named_parameters())[-1]
+
+
 def test_local_checkpoint_loads_through_the_pretrained_argument(tmp_path):
-    model = open_clip.create_model("lorekit-tiny")
-    torch.nn.init.normal_(model.visual.proj, std=0.5)
+    model = open_clip.create_model("lorekit-tiny").eval()
+    name, proj = _output_projection(model)
+    torch.nn.init.normal_(proj, std=0.5)
     path = tmp_path / "tiny.pt"
     torch.save(model.state_dict(), path)
     loaded = load_clip("lorekit-tiny", str(path))
-    assert torch.equal(loaded.model.visual.proj, model.visual.proj)
+    assert torch.equal(dict(loaded.model.visual.named_parameters())[name], proj)
     x = torch.rand(2, 3, 32, 32)
     ref = model.visual((x - loaded.encoder.mean) / loaded.encoder.std)
     assert torch.allclose(loaded.encoder(x), ref, atol=1e-5)
@@ -39,7 +45,8 @@ def test_hf_hub_name_loads_from_a_local_hub_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     loaded = load_clip("hf-hub:lorekit/tiny-test", cache_dir=str(tmp_path / "hub"))
-    assert torch.equal(loaded.model.visual.proj, model.visual.proj)
+    name, proj = _output_projection(model)
+    assert torch.equal(dict(loaded.model.visual.named_parameters())[name], proj)
 
 
 def test_openai_weights_get_quickgelu():
@@ -139,3 +146,17 @@ def test_cached_hub_weights_load_without_the_network(tiny_hub_repo, tmp_path, no
     tiny_hub_repo("lorekit/tiny-cached")
     loaded = load_clip("hf-hub:lorekit/tiny-cached", cache_dir=tmp_path / "lorekit-cache")
     assert loaded.encoder(torch.rand(1, 3, 32, 32)).shape == (1, 64)
+
+
+def test_batchnorm_is_frozen_so_the_encoder_is_one_function(tiny_clip):
+    # The embedded model is a ResNet: its BatchNorm must not use batch statistics while fine-tuning.
+    x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    enc = tiny_clip.encoder
+    try:
+        enc.train()
+        with torch.no_grad():
+            train_out, alone = enc(x), enc(x[:1])
+    finally:
+        enc.eval()
+    with torch.no_grad():
+        assert torch.allclose(train_out, enc(x), atol=1e-5) and torch.allclose(alone, train_out[:1], atol=1e-5)
