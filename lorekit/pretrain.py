@@ -25,7 +25,7 @@ from filelock import FileLock
 from .config import ConfigError, default_cache_dir
 from .progress import Progress
 from .rundir import atomic_write
-from .suite import SUITE, SUITE_VERSION, load_suite
+from .suite import SUITE_VERSION, load_suite
 
 TINY_MODEL = "lorekit-tiny"
 TINY_TAG = "digits"

@@ -252,5 +252,5 @@ def test_pretraining_reports_progress(capsys, one_thread):
 
     pretrain_tiny({**SETTINGS, "steps": 2, "batch_size": 8}, progress=True)
     err = capsys.readouterr().err
-    assert "\r" not in err and re.search(r"^pretraining lorekit-tiny on digits: done, step 2/2 in \d+s, loss \S+$",
+    assert "\r" not in err and re.search(r"^pretraining lorekit-tiny on the suite: done, step 2/2 in \d+s, loss \S+$",
                                          err, re.M), err
