@@ -26,6 +26,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import ATTACKS
     from .rundir import read_config
     from .workbench import setup
 
@@ -33,6 +34,8 @@ def _eval(args: argparse.Namespace) -> int:
     if bad or args.samples < 1 or args.steps < 1:
         raise ConfigError(f"eps={bad}: every ε must lie in (0, 255] (units of 1/255)" if bad else
                           f"samples={args.samples}, steps={args.steps}: both must be integers >= 1")
+    if not set(args.attack) <= set(ATTACKS):
+        raise ConfigError(f"attack={args.attack}: choose one or more of {', '.join(ATTACKS)}")
     if args.run:
         saved = read_config(args.run)
         cfg, rho = replace(saved, device=args.device, eval_samples=args.samples), saved.rho
@@ -40,9 +43,12 @@ def _eval(args: argparse.Namespace) -> int:
         cfg, rho = TrainConfig(model=args.model, pretrained=args.pretrained, dataset=args.dataset,
                                device=args.device, eval_samples=args.samples), None
     bench = setup(cfg)
-    encoder = bench.encoder_of(args.run) if args.run else bench.original
-    print(json.dumps(bench.evaluate(encoder, [e / 255 for e in args.eps], steps=args.steps, rho=rho, seed=0),
-                     indent=2))
+    eps = [e / 255 for e in args.eps]
+    if args.run:  # with the run's own text tower when it trained one
+        results = bench.evaluate_run(args.run, eps, steps=args.steps, rho=rho, seed=0, attacks=args.attack)
+    else:
+        results = bench.evaluate(bench.original, eps, steps=args.steps, rho=rho, seed=0, attacks=args.attack)
+    print(json.dumps(results, indent=2))
     return 0
 
 
@@ -64,14 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p)
     p.set_defaults(func=_train)
 
-    p = commands.add_parser("eval", help="zero-shot clean/PGD-robust accuracy and embedding fidelity")
+    p = commands.add_parser("eval", help="zero-shot clean/robust (PGD, FGSM, APGD) accuracy and embedding fidelity")
     p.add_argument("--run", default="", help="a run directory written by `lorekit train` (uses its config)")
     p.add_argument("--model", default="lorekit-tiny", help="open_clip model name or hf-hub:org/name")
     p.add_argument("--pretrained", default="digits", help="pretrained tag or checkpoint file")
     p.add_argument("--dataset", default="digits", help="data set name or image folder")
     p.add_argument("--eps", type=float, nargs="+", default=[2, 4, 8], help="ε values in units of 1/255")
     p.add_argument("--samples", type=int, default=1000, help="test images to evaluate (seeded subset)")
-    p.add_argument("--steps", type=int, default=20, help="PGD iterations")
+    p.add_argument("--attack", nargs="+", default=["pgd"], metavar="ATTACK",
+                   help="attacks on the zero-shot cross-entropy, one or more of: pgd (lorekit's PGD: random start, "
+                        "momentum, step ε/4), fgsm (one step of size ε), apgd (APGD-CE + APGD-T, AutoAttack's "
+                        "'custom'); robust accuracy is reported as robust_acc@ε, fgsm_acc@ε, apgd_acc@ε")
+    p.add_argument("--steps", type=int, default=20, help="PGD and APGD iterations (the AdvCLIP-LoRA paper: PGD-100)")
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
     p.set_defaults(func=_eval)
 
