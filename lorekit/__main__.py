@@ -6,11 +6,24 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import replace
+import textwrap
+from contextlib import nullcontext
 
 from . import export, recipes, robustness, sweep
-from .config import ConfigError, TrainConfig, add_config_arguments, given_fields
+from .config import ConfigError, TrainConfig, add_config_arguments, given_fields, resolve_device
+from .progress import silenced
 from .stopping import RunStopped
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; every option's default appended unless its help already states it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.option_strings and "default" not in text and action.default not in (None, False, "", [],
+                                                                                        argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -25,9 +38,12 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+EVAL_MODEL_FIELDS = ("model", "pretrained", "dataset")  # eval's flags that a --run's config sets instead
+
+
 def _eval(args: argparse.Namespace) -> int:
     from .evaluate import ATTACKS
-    from .rundir import read_config
+    from .rundir import is_finished, read_config
     from .workbench import setup
 
     bad = [e for e in args.eps if not 0 < e <= 255]
@@ -36,18 +52,27 @@ def _eval(args: argparse.Namespace) -> int:
                           f"samples={args.samples}, steps={args.steps}: both must be integers >= 1")
     if not set(args.attack) <= set(ATTACKS):
         raise ConfigError(f"attack={args.attack}: choose one or more of {', '.join(ATTACKS)}")
+    resolve_device(args.device)
+    given = {k: getattr(args, k) for k in EVAL_MODEL_FIELDS if getattr(args, k) is not None}
     if args.run:
-        saved = read_config(args.run)
-        cfg, rho = replace(saved, device=args.device, eval_samples=args.samples), saved.rho
+        if given:
+            raise ConfigError(f"run={args.run!r}: the model and data set come from the run's config; leave out "
+                              + ", ".join(f"--{k}" for k in given))
+        cfg = read_config(args.run, device=args.device, eval_samples=args.samples)
+        if not is_finished(args.run):
+            raise ConfigError(f"run={args.run!r}: not a finished run (no summary.json); finish it first with "
+                              "`python -m lorekit train` and the flags it was started with, plus --resume")
     else:
-        cfg, rho = TrainConfig(model=args.model, pretrained=args.pretrained, dataset=args.dataset,
-                               device=args.device, eval_samples=args.samples), None
+        cfg = TrainConfig(**given, device=args.device, eval_samples=args.samples).validate()
     bench = setup(cfg)
     eps = [e / 255 for e in args.eps]
+    rho = cfg.rho if args.run else None
     if args.run:  # with the run's own text tower when it trained one
-        results = bench.evaluate_run(args.run, eps, steps=args.steps, rho=rho, seed=0, attacks=args.attack)
+        results = bench.evaluate_run(args.run, eps, steps=args.steps, rho=rho, seed=0, attacks=args.attack,
+                                     progress=True)
     else:
-        results = bench.evaluate(bench.original, eps, steps=args.steps, rho=rho, seed=0, attacks=args.attack)
+        results = bench.evaluate(bench.original, eps, steps=args.steps, rho=rho, seed=0, attacks=args.attack,
+                                 progress=True)
     print(json.dumps(results, indent=2))
     return 0
 
@@ -59,22 +84,38 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_quiet(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true", help="no progress reports (results are still printed)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorekit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("train", help="fine-tune an image encoder (any registered method)",
-                            description=TrainConfig.__doc__)
+    def command(name: str, help: str, description: str, wrap: bool = True) -> argparse.ArgumentParser:
+        text = "\n\n".join(textwrap.fill(par, 100) for par in description.split("\n\n")) if wrap else description
+        return commands.add_parser(name, help=help, description=text, formatter_class=HelpFormatter)
+
+    p = command("train", "fine-tune an image encoder (any registered method)",
+                "Fine-tune a CLIP image encoder adversarially (FARE, FARE-reg, LORE or TeCoA) into a run directory: "
+                "config.json, metrics.jsonl, checkpoints, encoder.pt, summary.json. Progress goes to stderr.\n\n"
+                + (TrainConfig.__doc__ or ""))
     p.add_argument("--recipe", default="", help="named recipe (lorekit/recipes.toml) the other flags override: "
                    + ", ".join(recipes.names()))
     add_config_arguments(p)
+    _add_quiet(p)
     p.set_defaults(func=_train)
 
-    p = commands.add_parser("eval", help="zero-shot clean/robust (PGD, FGSM, APGD) accuracy and embedding fidelity")
-    p.add_argument("--run", default="", help="a run directory written by `lorekit train` (uses its config)")
-    p.add_argument("--model", default="lorekit-tiny", help="open_clip model name or hf-hub:org/name")
-    p.add_argument("--pretrained", default="digits", help="pretrained tag or checkpoint file")
-    p.add_argument("--dataset", default="digits", help="data set name or image folder")
+    p = command("eval", "zero-shot clean/robust (PGD, FGSM, APGD) accuracy and embedding fidelity",
+                "Evaluate an image encoder on a fixed seeded subset of a data set's test split: zero-shot clean "
+                "accuracy, robust accuracy under each --attack at each ε, and (for a run) cosine and fidelity "
+                "to the original encoder. The encoder is a finished run's (--run, which also names the model and "
+                "data set) or a model's own (--model/--pretrained/--dataset). Prints JSON.")
+    p.add_argument("--run", default="", help="a finished run directory written by `lorekit train` (uses its config)")
+    p.add_argument("--model", help=f"open_clip model name or hf-hub:org/name (default: {TrainConfig.model})")
+    p.add_argument("--pretrained", help=f"pretrained tag or checkpoint file (default: {TrainConfig.pretrained}; "
+                   "none for an hf-hub model)")
+    p.add_argument("--dataset", help=f"data set name or image folder (default: {TrainConfig.dataset})")
     p.add_argument("--eps", type=float, nargs="+", default=[2, 4, 8], help="ε values in units of 1/255")
     p.add_argument("--samples", type=int, default=1000, help="test images to evaluate (seeded subset)")
     p.add_argument("--attack", nargs="+", default=["pgd"], metavar="ATTACK",
@@ -83,22 +124,31 @@ def build_parser() -> argparse.ArgumentParser:
                         "'custom'); robust accuracy is reported as robust_acc@ε, fgsm_acc@ε, apgd_acc@ε")
     p.add_argument("--steps", type=int, default=20, help="PGD and APGD iterations (the AdvCLIP-LoRA paper: PGD-100)")
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
+    _add_quiet(p)
     p.set_defaults(func=_eval)
 
-    p = commands.add_parser("robust-eval", help="AutoAttack-style zero-shot robustness (APGD-CE + APGD-T)")
+    p = command("robust-eval", "AutoAttack-style zero-shot robustness (APGD-CE + APGD-T)", robustness.__doc__, wrap=False)
     robustness.add_arguments(p)
+    _add_quiet(p)
     p.set_defaults(func=robustness.run)
 
-    p = commands.add_parser("export", help="write a finished run as an open_clip / Hugging Face Hub model folder")
+    p = command("export", "write a finished run as an open_clip / Hugging Face Hub model folder", export.__doc__,
+                wrap=False)
     export.add_arguments(p)
     p.set_defaults(func=export.run)
 
-    p = commands.add_parser("demo", help="FARE vs LORE on the embedded default, with a table and a plot")
+    p = command("demo", "FARE vs LORE on the embedded default, with a table and a plot",
+                "Train FARE and LORE with the 'demo' recipe (lorekit/recipes.toml) on the embedded default, then "
+                "evaluate them and the original encoder on the whole held-out digits split: clean accuracy, PGD "
+                "robust accuracy at ε = 2, 4, 8/255, cosine and fidelity. Writes results.md, results.json and "
+                "demo.png to --out; re-running reuses finished runs and resumes interrupted ones.")
     p.add_argument("--out", default="runs/demo", help="output folder")
-    p.add_argument("--steps", type=int, default=None, help="training steps per method (default: the demo's)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per method (default: the demo "
+                   "recipe's)")
+    _add_quiet(p)
     p.set_defaults(func=_demo)
 
-    p = commands.add_parser("sweep", help="run a notebook over a parameter grid with papermill")
+    p = command("sweep", "run a notebook over a parameter grid with papermill", sweep.__doc__.split("\n\n")[0])
     sweep.add_arguments(p)
     p.set_defaults(func=sweep.run)
     return parser
@@ -107,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with silenced() if getattr(args, "quiet", False) else nullcontext():
+            return args.func(args)
     except ConfigError as e:
         print(f"lorekit {args.command}: error: {e}", file=sys.stderr)
         return 2

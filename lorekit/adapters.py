@@ -11,6 +11,9 @@ k_proj, v_proj and out_proj `nn.Linear`s initialised by splitting the fused weig
 own batch layout. It computes the same function, so peft's ordinary `lora.Linear` attaches to exactly
 the projections asked for, dropout included. `LoraCLIP.merge` folds the adapters in and swaps the fused
 `nn.MultiheadAttention` back, so the merged model is a plain open_clip model with open_clip's keys.
+A ResNet image tower (the embedded lorekit-tiny) has one attention layer, its attention pool, which
+keeps separate q/k/v/c projections but bypasses their modules the same way: `SplitAttentionPool2d`
+computes it through them, and its q, k, v and o (c_proj) adapters attach there.
 
 Adapters are added in place: φθ0, the frozen reference, is the same model under `LoraCLIP.disabled()`,
 not a second copy. Defaults follow AdvCLIP-LoRA: rank 2, alpha 1, dropout 0.25 on q, k, v of all
@@ -27,6 +30,7 @@ from typing import Iterator, Sequence
 import peft
 import torch
 import torch.nn.functional as F
+from open_clip.modified_resnet import AttentionPool2d
 from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
@@ -36,6 +40,7 @@ TARGETS = ("q", "k", "v", "o")
 """q, k, v: the attention input projections; o: its output projection (CLIP-LoRA's names)."""
 TOWERS = ("image", "text", "both")
 _PROJ = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"}
+_POOL_PROJ = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "c_proj"}
 _ADAPTER = "default"
 
 
@@ -100,6 +105,25 @@ class SplitQKVAttention(nn.Module):
         return (out if self.batch_first else out.transpose(0, 1)), None
 
 
+class SplitAttentionPool2d(AttentionPool2d):
+    """open_clip's ResNet attention pool, computed through its q/k/v/c projection modules; same outputs.
+
+    The original passes the projections' weights to F.multi_head_attention_forward, so an adapter wrapping
+    the modules would never run. Only the pooled (mean) token's query is needed: the pool returns that row.
+    Instances are switched to this class in place and back (`__class__`), keeping parameters and keys.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(2).transpose(1, 2)  # NCHW -> N(HW)C
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + self.positional_embedding.to(x.dtype)
+        b, n, d = x.shape
+        q = self.q_proj(x[:, :1]).view(b, 1, self.num_heads, -1).transpose(1, 2)
+        k = self.k_proj(x).view(b, n, self.num_heads, -1).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, self.num_heads, -1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, d)
+        return self.c_proj(out)
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     """What `add_lora` was asked for; validated on construction, worth saving next to the weights."""
@@ -132,21 +156,25 @@ def _is_plain(mha: nn.MultiheadAttention) -> bool:
             and not mha.add_zero_attn and mha.dropout == 0)
 
 
-def _attention_blocks(model: nn.Module, towers: str) -> dict[str, ResidualAttentionBlock]:
-    """Blocks whose attention gets adapters, by name; the image tower is `model.visual`, the text one the rest."""
-    found: dict[str, dict[str, ResidualAttentionBlock]] = {"image": {}, "text": {}}
+def _attention_blocks(model: nn.Module, towers: str) -> dict[str, nn.Module]:
+    """Attention modules that get adapters, by name: transformer blocks (ViT and text towers) and a ResNet
+    tower's attention pool. The image tower is `model.visual`, the text tower the rest."""
+    found: dict[str, dict[str, nn.Module]] = {"image": {}, "text": {}}
     for name, module in model.named_modules():
-        if isinstance(module, ResidualAttentionBlock):
+        if isinstance(module, (ResidualAttentionBlock, AttentionPool2d)):
             found["image" if name.startswith("visual.") else "text"][name] = module
-    blocks: dict[str, ResidualAttentionBlock] = {}
+    blocks: dict[str, nn.Module] = {}
     for tower in ("image", "text") if towers == "both" else (towers,):
         if not found[tower]:
-            raise ConfigError(f"towers={towers!r}: {type(model).__name__} has no open_clip ResidualAttentionBlock "
-                              f"in its {tower} tower (valid: open_clip ViT and text transformer towers, "
-                              "not timm, ConvNeXt or Hugging Face ones)")
+            raise ConfigError(f"towers={towers!r}: {type(model).__name__} has no open_clip attention block in its "
+                              f"{tower} tower (valid: open_clip ViT, ResNet and text transformer towers, not timm, "
+                              "ConvNeXt or Hugging Face ones)")
         blocks.update(found[tower])
     for name, block in blocks.items():
-        if not isinstance(block.attn, nn.MultiheadAttention) or not _is_plain(block.attn):
+        if isinstance(block, AttentionPool2d):
+            if type(block) is not AttentionPool2d:
+                raise ConfigError(f"towers={towers!r}: {name} is already adapted")
+        elif not isinstance(block.attn, nn.MultiheadAttention) or not _is_plain(block.attn):
             raise ConfigError(f"towers={towers!r}: {name}.attn is a {type(block.attn).__name__} of a kind LoRA "
                               "cannot attach to here (expected open_clip's nn.MultiheadAttention; already adapted?)")
     return blocks
@@ -164,9 +192,14 @@ class LoraCLIP:
         self.model = model
         self.settings = settings
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-        for block in blocks.values():
-            block.attn = SplitQKVAttention.from_mha(block.attn)
-        names = [f"{name}.attn.{_PROJ[t]}" for name in blocks for t in settings.targets]
+        names = []
+        for name, block in blocks.items():
+            if isinstance(block, AttentionPool2d):
+                block.__class__ = SplitAttentionPool2d
+                names += [f"{name}.{_POOL_PROJ[t]}" for t in settings.targets]
+            else:
+                block.attn = SplitQKVAttention.from_mha(block.attn)
+                names += [f"{name}.attn.{_PROJ[t]}" for t in settings.targets]
         # One anchored regex: peft matches a list of names by suffix, so with towers='text' the name
         # 'transformer.resblocks.0.attn.out_proj' would also wrap the image tower's (never called)
         # 'visual.transformer.resblocks.0.attn.out_proj' of its untouched MultiheadAttention.
@@ -215,6 +248,8 @@ class LoraCLIP:
         for module in model.modules():
             if isinstance(module, ResidualAttentionBlock) and isinstance(module.attn, SplitQKVAttention):
                 module.attn = module.attn.to_mha()
+            elif isinstance(module, SplitAttentionPool2d):
+                module.__class__ = AttentionPool2d
         model.train(model.training)  # the rebuilt MultiheadAttentions start in train mode
         for name, p in model.named_parameters():
             p.requires_grad_(self._requires_grad[name])

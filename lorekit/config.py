@@ -37,6 +37,15 @@ class ConfigError(ValueError):
     """A config field holds a value the run cannot use; the message names the field."""
 
 
+def describe(error: BaseException, limit: int = 300) -> str:
+    """'Type: message' on one line, for quoting a library's exception inside a ConfigError; a long message is
+    cut at a word and marked with an ellipsis rather than ending mid-word."""
+    text = " ".join(str(error).split())
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " …"
+    return f"{type(error).__name__}: {text}"
+
+
 def default_cache_dir() -> str:
     """Where pretrained checkpoints and data live: $LOREKIT_CACHE, else ~/.cache/lorekit."""
     return os.environ.get("LOREKIT_CACHE", str(Path("~/.cache/lorekit").expanduser()))
@@ -58,11 +67,13 @@ class TrainConfig:
 
     pretrained: str = "digits"
     """open_clip pretrained tag ('openai', 'laion2b_s34b_b79k'), a local checkpoint file, or ''
-    for random weights. 'digits' is lorekit-tiny pretrained on the embedded data set (cached)."""
+    for random weights. 'digits' is lorekit-tiny pretrained on the embedded suite (cached); an
+    'hf-hub:' model carries its own weights, so there the default 'digits' means ''."""
 
     dataset: str = "digits"
-    """'digits' (embedded, offline), a torchvision data set name ('cifar10', 'mnist', 'stl10', ...)
-    found under data_root, or the path of an image folder (one sub-folder per class)."""
+    """A domain of the embedded suite ('digits', 'words', 'shapes', 'textures'; offline), a torchvision
+    data set name ('cifar10', 'mnist', 'stl10', ...) found under data_root, or the path of an image
+    folder (one sub-folder per class)."""
 
     data_root: str = ""
     """Directory holding torchvision data sets; '' means <cache_dir>/data. Nothing is downloaded."""
@@ -242,6 +253,7 @@ class TrainConfig:
             setattr(self, f.name, _coerce(f.name, value, hints[f.name]))
         from .methods import METHODS
 
+        self.pretrained = pretrained_for(self.model, self.pretrained)
         check_choice("method", self.method, tuple(METHODS))
         check_choice("dual", self.dual, DUAL_KINDS)
         check_choice("norm", self.norm, NORMS)
@@ -339,6 +351,16 @@ def resolve_device(name: str):
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
 
 
+def pretrained_for(model: str, pretrained: str) -> str:
+    """The pretrained setting to load `model` with: '' for an 'hf-hub:' model left at the default tag.
+
+    The default, 'digits', is the embedded model's tag; a hub model brings its own weights, so the documented
+    `--model hf-hub:org/name` works without also passing `--pretrained ''`. Any other tag is kept (and refused
+    for a hub model by lorekit.models, with a message).
+    """
+    return "" if model.startswith("hf-hub:") and pretrained == TrainConfig.pretrained else pretrained
+
+
 def check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
     """Raise ConfigError naming the field and the valid values unless `value` is one of them."""
     if value not in valid:
@@ -357,9 +379,10 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
                 raise ValueError
             return bool(value)
         if hint is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
+            number = float(value) if isinstance(value, str) and any(c in value.lower() for c in ".e") else value
+            if isinstance(number, bool) or (isinstance(number, float) and not number.is_integer()):
+                raise ValueError  # '1e3' and '5.0' are whole numbers, '2.5' is not
+            return int(number)
         if hint is float:
             if isinstance(value, bool):
                 raise ValueError
@@ -377,6 +400,8 @@ def _eval_fraction(text: str) -> float:
     """'4/255' -> 0.01569; plain numbers pass through float()."""
     if "/" in text:
         num, den = text.split("/", 1)
+        if float(den) == 0:
+            raise ValueError("division by zero")
         return float(num) / float(den)
     return float(text)
 

@@ -38,7 +38,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from tqdm.auto import tqdm
+
+from .progress import Progress
 
 FAMILIES = {
     "noise": ("gaussian_noise", "shot_noise", "impulse_noise"),
@@ -233,8 +234,10 @@ def corruption_accuracy(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor,
         return correct / len(images)
 
     table: dict[str, dict[int, float]] = {}
-    for name, severity in tqdm([(n, s) for n in names for s in severities], desc="corruptions", disable=not progress):
-        table.setdefault(name, {})[severity] = accuracy(corrupt(x, name, severity, seed))
+    with Progress(len(names) * len(severities), "corruptions", unit="cell", enabled=progress) as bar:
+        for name, severity in [(n, s) for n in names for s in severities]:
+            table.setdefault(name, {})[severity] = accuracy(corrupt(x, name, severity, seed))
+            bar.update()
     per_corruption = {name: float(np.mean(list(row.values()))) for name, row in table.items()}
     per_family = {family: float(np.mean([per_corruption[n] for n in members if n in per_corruption]))
                   for family, members in {**FAMILIES, "extra": EXTRA}.items()

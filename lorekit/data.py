@@ -2,8 +2,11 @@
 
 - 'digits': scikit-learn's 1797 handwritten digits (ships inside the package, no network),
   upsampled from 8×8 to 32×32 RGB, with a fixed stratified train/test split.
+- the other domains of the embedded suite ('words', 'shapes', 'textures'; see `lorekit.suite`).
 - torchvision data sets by name, read from a local root with download=False.
-- image folders (one sub-folder per class; train/ and test/ sub-folders are used when present).
+- image folders (one sub-folder per class, at least two; train/ and test/ sub-folders are used when
+  present). Every image is checked once when the folder is loaded, so a broken file is named before
+  training starts rather than crashing a run halfway.
 
 Class names and templates come from clip_benchmark's tables where it has the data set. `few_shot` cuts
 any of them to N training images per class (AdvCLIP-LoRA's CoOp-style few-shot splits).
@@ -135,10 +138,8 @@ def image_folder(path: str | Path, image_size: int) -> DataBundle:
     """An ImageFolder data set; class names are the folder names with '_' read as spaces."""
     from torchvision.datasets import ImageFolder
 
+    check_dataset(str(path))
     path = Path(path)
-    if not path.is_dir():
-        raise ConfigError(f"dataset={str(path)!r}: not a known data set name ({', '.join(['digits', *TORCHVISION_SETS])}) "
-                          "and not an image folder")
     if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*") if p.is_file()):
         raise ConfigError(f"dataset={str(path)!r}: image folder holds no images "
                           f"(expected class sub-folders with {', '.join(IMAGE_SUFFIXES)} files)")
@@ -146,21 +147,57 @@ def image_folder(path: str | Path, image_size: int) -> DataBundle:
     split_dirs = (path / "train", next((path / d for d in ("test", "val") if (path / d).is_dir()), None))
     try:
         if split_dirs[0].is_dir() and split_dirs[1] is not None:
-            train, test = ImageFolder(str(split_dirs[0]), transform=tf), ImageFolder(str(split_dirs[1]), transform=tf)
-            classes = train.classes
+            folders = [ImageFolder(str(d), transform=tf) for d in split_dirs]
         else:
-            full = ImageFolder(str(path), transform=tf)
-            classes = full.classes
-            train, test = _seeded_split(full)
+            folders = [ImageFolder(str(path), transform=tf)]
     except (FileNotFoundError, RuntimeError) as e:
         raise ConfigError(f"dataset={str(path)!r}: not a usable image folder ({e})") from None
+    classes = folders[0].classes
+    if len(classes) < 2:
+        raise ConfigError(f"dataset={str(path)!r}: holds a single class, {classes[0]!r}; zero-shot classification "
+                          "needs at least 2 classes (one sub-folder each)")
+    if folders[-1].classes != classes:
+        raise ConfigError(f"dataset={str(path)!r}: {split_dirs[1].name}/ has classes {folders[-1].classes}, "
+                          f"train/ has {classes}; both need the same class sub-folders")
+    for folder in folders:
+        _check_images(path, folder.samples)
+    train, test = folders if len(folders) == 2 else _seeded_split(folders[0])
     return DataBundle(path.name, train, test, [c.replace("_", " ") for c in classes], list(FOLDER_TEMPLATES))
+
+
+def _check_images(folder: Path, samples: Sequence[tuple[str, int]]) -> None:
+    """Raise ConfigError naming the first file PIL cannot read (verify() parses the file without decoding it)."""
+    from PIL import Image
+
+    for file, _ in samples:
+        try:
+            with Image.open(file) as im:
+                im.verify()
+        except Exception as e:  # PIL raises many types for truncated or garbage files
+            raise ConfigError(f"dataset={str(folder)!r}: {file} is not a readable image ({type(e).__name__}: {e}); "
+                              "fix or remove it") from None
+
+
+def builtin_names() -> tuple[str, ...]:
+    """The data set names `load_dataset` resolves without a path: the embedded suite, torchvision sets."""
+    from .suite import SUITE  # imported here: the suite builds on this module
+
+    return (*SUITE, *TORCHVISION_SETS)
+
+
+def check_dataset(name: str) -> None:
+    """Refuse, before anything is loaded, a name that is neither a known data set nor a folder."""
+    if not name or (name not in builtin_names() and not Path(name).is_dir()):
+        raise ConfigError(f"dataset={name!r}: not a known data set name ({', '.join(builtin_names())}) "
+                          "and not an image folder")
 
 
 def load_dataset(name: str, *, root: str | Path = "", image_size: int = 32) -> DataBundle:
     """Resolve a data set by name or path (see the module docstring)."""
-    if name == "digits":
-        return digits(image_size)
+    from .suite import SUITE, load_domain
+
+    if name in SUITE:
+        return load_domain(name, image_size)
     if name in TORCHVISION_SETS:
         return torchvision_set(name, root, image_size)
     return image_folder(name, image_size)

@@ -18,7 +18,7 @@ import torch
 from . import methods
 from .data import DIGITS_TEST_SIZE
 from .recipes import recipe
-from .rundir import atomic_write_json, atomic_write_text
+from .rundir import atomic_write_json, atomic_write_text, check_output_dir
 from .trainer import train
 from .workbench import setup
 
@@ -28,19 +28,25 @@ EVAL_EPS = (2 / 255, 4 / 255, 8 / 255)
 EVAL_PGD_STEPS = 20
 
 
-def run_demo(out_dir: str | Path = "runs/demo", steps: int | None = None) -> dict[str, dict[str, float]]:
-    """Train FARE and LORE, evaluate them with the original encoder, print and save the table."""
+def run_demo(out_dir: str | Path = "runs/demo", steps: int | None = None,
+             progress: bool = True) -> dict[str, dict[str, float]]:
+    """Train FARE and LORE, evaluate them with the original encoder, print and save the table.
+
+    The configs and output folders are checked before anything is loaded or written."""
     out = Path(out_dir)
+    base = recipe(RECIPE, steps=steps)
+    configs = {method: recipe(RECIPE, method, steps=steps, run_dir=str(out / method)) for method in METHODS}
+    for path in (out, *(cfg.run_path for cfg in configs.values())):
+        check_output_dir(path, "out")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    base = recipe(RECIPE, steps=steps)
     bench = setup(replace(base, eval_samples=DIGITS_TEST_SIZE))  # the whole held-out split
     encoders = {"original": bench.original}
-    for method in METHODS:
-        cfg = recipe(RECIPE, method, steps=steps, run_dir=str(out / method))
-        train(cfg, existing="reuse")
+    for method, cfg in configs.items():
+        train(cfg, existing="reuse", progress=progress)
         encoders[methods.label(method)] = bench.encoder_of(cfg.run_dir)
-    results = {name: bench.evaluate(encoder, EVAL_EPS, steps=EVAL_PGD_STEPS, rho=base.rho)
+    results = {name: bench.evaluate(encoder, EVAL_EPS, steps=EVAL_PGD_STEPS, rho=base.rho, progress=progress,
+                                    desc=f"evaluating {name}")
                for name, encoder in encoders.items()}
     wall = time.perf_counter() - start
     table = format_table(results)

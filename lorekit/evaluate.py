@@ -20,6 +20,9 @@ from .apgd import autoattack_custom
 from .attacks import LossFn, ce_attack_loss, fgsm, pgd
 from .config import ConfigError
 from .models import ZeroShotClassifier
+from .progress import Progress
+
+BATCH_SIZE = 256  # images per evaluation batch; progress is reported per batch
 
 ATTACKS = ("pgd", "fgsm", "apgd")
 
@@ -34,15 +37,20 @@ def _batches(n: int, batch_size: int):
         yield slice(start, min(n, start + batch_size))
 
 
+def batch_count(n: int, batch_size: int = BATCH_SIZE) -> int:
+    """How many batches `n` images make: the progress units of one accuracy pass."""
+    return -(-n // batch_size)
+
+
 @torch.inference_mode()
-def embed(encoder: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+def embed(encoder: nn.Module, images: torch.Tensor, batch_size: int = BATCH_SIZE) -> torch.Tensor:
     """Embeddings of a stack of [0,1] images, in float32 on the images' device."""
     encoder.eval()
     return torch.cat([encoder(images[s]).float() for s in _batches(len(images), batch_size)])
 
 
 def embedding_metrics(encoder: nn.Module, reference: nn.Module, images: torch.Tensor, rho: float | None = None,
-                      batch_size: int = 256) -> dict[str, float]:
+                      batch_size: int = BATCH_SIZE) -> dict[str, float]:
     """Cosine alignment, embedding fidelity (relative squared distance) and constraint satisfaction."""
     emb, ref = embed(encoder, images, batch_size), embed(reference, images, batch_size)
     rel = (emb - ref).pow(2).sum(-1) / ref.pow(2).sum(-1).clamp_min(1e-12)
@@ -53,15 +61,21 @@ def embedding_metrics(encoder: nn.Module, reference: nn.Module, images: torch.Te
 
 
 @torch.inference_mode()
-def clean_accuracy(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
+def clean_accuracy(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = BATCH_SIZE,
+                   progress: Progress | None = None) -> float:
     classifier.eval()
-    correct = sum((classifier(images[s]).argmax(-1) == labels[s]).sum() for s in _batches(len(images), batch_size))
-    return float(correct) / len(labels)
+    correct = 0
+    for s in _batches(len(images), batch_size):
+        correct += int((classifier(images[s]).argmax(-1) == labels[s]).sum())
+        if progress is not None:
+            progress.update()
+    return correct / len(labels)
 
 
 def _accuracy_under(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                    attack: Callable[[LossFn, torch.Tensor], torch.Tensor], batch_size: int) -> float:
-    """Accuracy on attack(cross-entropy of the batch, batch) images, batch by batch."""
+                    attack: Callable[[LossFn, torch.Tensor], torch.Tensor], batch_size: int,
+                    progress: Progress | None = None) -> float:
+    """Accuracy on attack(cross-entropy of the batch, batch) images, batch by batch; `progress` counts batches."""
     classifier.eval()
     correct = 0
     for s in _batches(len(images), batch_size):
@@ -69,50 +83,66 @@ def _accuracy_under(classifier: nn.Module, images: torch.Tensor, labels: torch.T
         x_adv = attack(ce_attack_loss(classifier, y), x)
         with torch.inference_mode():
             correct += int((classifier(x_adv).argmax(-1) == y).sum())
+        if progress is not None:
+            progress.update()
     return correct / len(labels)
 
 
 def pgd_accuracy(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, *,
-                 steps: int = 10, norm: str = "linf", batch_size: int = 256, seed: int = 0) -> float:
+                 steps: int = 10, norm: str = "linf", batch_size: int = BATCH_SIZE, seed: int = 0,
+                 progress: Progress | None = None) -> float:
     """Accuracy under cross-entropy PGD (momentum-on-sign, random start, step ε/4), seeded."""
     gen = torch.Generator(device=images.device).manual_seed(seed)
     return _accuracy_under(classifier, images, labels,
-                           lambda loss, x: pgd(loss, x, eps, steps=steps, norm=norm, generator=gen), batch_size)
+                           lambda loss, x: pgd(loss, x, eps, steps=steps, norm=norm, generator=gen), batch_size,
+                           progress)
 
 
 def fgsm_accuracy(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, *,
-                  norm: str = "linf", batch_size: int = 256) -> float:
+                  norm: str = "linf", batch_size: int = BATCH_SIZE, progress: Progress | None = None) -> float:
     """Accuracy under FGSM on the cross-entropy: one step of size ε from the clean image (deterministic)."""
-    return _accuracy_under(classifier, images, labels, lambda loss, x: fgsm(loss, x, eps, norm=norm), batch_size)
+    return _accuracy_under(classifier, images, labels, lambda loss, x: fgsm(loss, x, eps, norm=norm), batch_size,
+                           progress)
 
 
 def robust_accuracy(attack: str, classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, *,
-                    steps: int = 10, norm: str = "linf", batch_size: int = 256, seed: int = 0) -> float:
+                    steps: int = 10, norm: str = "linf", batch_size: int = BATCH_SIZE, seed: int = 0,
+                    progress: Progress | None = None) -> float:
     """Accuracy under `attack` (one of ATTACKS) at ε; `steps` are PGD's or APGD's iterations (FGSM has one)."""
     if attack == "pgd":
-        return pgd_accuracy(classifier, images, labels, eps, steps=steps, norm=norm, batch_size=batch_size, seed=seed)
+        return pgd_accuracy(classifier, images, labels, eps, steps=steps, norm=norm, batch_size=batch_size, seed=seed,
+                            progress=progress)
     if attack == "fgsm":
-        return fgsm_accuracy(classifier, images, labels, eps, norm=norm, batch_size=batch_size)
+        return fgsm_accuracy(classifier, images, labels, eps, norm=norm, batch_size=batch_size, progress=progress)
     if attack == "apgd":
-        return autoattack_custom(classifier, images, labels, eps, n_iter=steps, norm=norm, batch_size=batch_size,
-                                 seed=seed).robust_accuracy
+        acc = autoattack_custom(classifier, images, labels, eps, n_iter=steps, norm=norm, batch_size=batch_size,
+                                seed=seed).robust_accuracy
+        if progress is not None:
+            progress.update()
+        return acc
     raise ConfigError(f"attack={attack!r}: must be one of {', '.join(ATTACKS)}")
 
 
 def evaluate_encoder(encoder: nn.Module, reference: nn.Module, class_embeddings: torch.Tensor,
                      images: torch.Tensor, labels: torch.Tensor, eps_list: Sequence[float], *,
                      rho: float | None = None, steps: int = 10, norm: str = "linf",
-                     batch_size: int = 256, seed: int = 0, attacks: Sequence[str] = ("pgd",)) -> dict[str, float]:
+                     batch_size: int = BATCH_SIZE, seed: int = 0, attacks: Sequence[str] = ("pgd",),
+                     progress: bool = False, desc: str = "evaluation") -> dict[str, float]:
     """Clean accuracy, robust accuracy under each attack at each ε (keys: `robust_key`), and the embedding
-    metrics, in one dict."""
+    metrics, in one dict. With `progress`, reports batches done under `desc` (lorekit.progress); APGD counts
+    as one batch per ε."""
     bad = [a for a in attacks if a not in ATTACKS]
     if bad or not attacks:
         raise ConfigError(f"attacks={list(attacks)}: choose one or more of {', '.join(ATTACKS)}")
     classifier = ZeroShotClassifier(encoder, class_embeddings)
-    out = {"clean_acc": clean_accuracy(classifier, images, labels, batch_size)}
-    for attack in attacks:
-        for eps in eps_list:
-            out[robust_key(eps, attack)] = robust_accuracy(attack, classifier, images, labels, eps, steps=steps,
-                                                           norm=norm, batch_size=batch_size, seed=seed)
-    out.update(embedding_metrics(encoder, reference, images, rho, batch_size))
+    batches = batch_count(len(images), batch_size)
+    total = batches + sum(1 if a == "apgd" else batches for a in attacks) * len(eps_list)
+    with Progress(total, desc, unit="batch", enabled=progress) as bar:
+        out = {"clean_acc": clean_accuracy(classifier, images, labels, batch_size, progress=bar)}
+        for attack in attacks:
+            for eps in eps_list:
+                out[robust_key(eps, attack)] = robust_accuracy(attack, classifier, images, labels, eps, steps=steps,
+                                                               norm=norm, batch_size=batch_size, seed=seed,
+                                                               progress=bar)
+        out.update(embedding_metrics(encoder, reference, images, rho, batch_size))
     return out

@@ -175,6 +175,7 @@ def _write_card(folder: Path, title: str, tuned: LoadedCLIP, cfg: TrainConfig, s
         "usage": (
             "```python\nimport open_clip\n"
             f"model, _, preprocess = open_clip.create_model_and_transforms(\"local-dir:{title}\")  # this folder\n"
+            "model.eval()  # open_clip returns it in train mode\n"
             + (f"# or: open_clip.create_model_and_transforms(\"{tuned.name}\", pretrained=\"{title}/{weight_file}\")\n"
                if not tuned.name.startswith("hf-hub:") else "")
             + "# or, once uploaded: open_clip.create_model_and_transforms(\"hf-hub:<org>/<name>\")\n```\n"),

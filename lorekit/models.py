@@ -2,6 +2,10 @@
 
 Attacks work in pixel space, so resizing and mean/std normalisation live inside
 `ImageEncoder.forward`: an ε of 4/255 always means four grey levels.
+
+Nothing is downloaded: the files a pretrained tag or an 'hf-hub:' name needs are looked up in the local
+Hugging Face caches first (`weights_cache`), and open_clip then loads them with the hub in offline mode.
+Without that, a missing file meant a minute of network retries and chained tracebacks.
 """
 
 from __future__ import annotations
@@ -14,27 +18,34 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import open_clip
+from open_clip.utils import freeze_batch_norm_2d
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError
+from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+from .config import ConfigError, describe
 from .pretrain import TINY_MODEL, TINY_TAG, pretrained_tiny_checkpoint, tiny_checkpoint_path
 
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+HF_HUB_PREFIX = "hf-hub:"
 
 
 class ImageEncoder(nn.Module):
     """[0,1] RGB images -> raw (not L2-normalised) embeddings of any image tower.
 
     Resizes (short side, then centre crop, as the model's own preprocessing does) and normalises
-    inside forward, differentiably, so attacks and ε stay in pixel space.
+    inside forward, differentiably, so attacks and ε stay in pixel space. BatchNorm layers (ResNet
+    towers, the embedded model's included) are frozen to their running statistics, in place: with
+    batch statistics φθ(x) would depend on the rest of the batch, differ between train and eval mode,
+    and differ from φθ0(x) before any update, which would blur FARE's loss and LORE's constraint.
     """
 
     def __init__(self, visual: nn.Module, image_size: int | Sequence[int],
                  mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
-        self.visual = visual
+        self.visual = freeze_batch_norm_2d(visual)
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         self.image_size: tuple[int, int] = (int(size[0]), int(size[1]))
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
@@ -95,12 +106,13 @@ class LoadedCLIP:
 
 
 def _looks_like_path(pretrained: str) -> bool:
-    return os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES) or Path(pretrained).exists()
+    return bool(pretrained) and (os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES)
+                                 or Path(pretrained).exists())
 
 
 def resolve_model_name(name: str, pretrained: str) -> str:
     """Check the name; OpenAI weights need open_clip's QuickGELU variant (3.x no longer switches)."""
-    if name.startswith("hf-hub:"):
+    if name.startswith(HF_HUB_PREFIX):
         if pretrained:
             raise ConfigError(f"pretrained={pretrained!r}: an 'hf-hub:' model carries its own weights; leave pretrained ''")
         return name
@@ -116,12 +128,14 @@ def resolve_model_name(name: str, pretrained: str) -> str:
 
 def check_pretrained(name: str, pretrained: str) -> None:
     """Fail fast on a tag the model does not have, or a checkpoint file that is missing."""
-    if not pretrained or name.startswith("hf-hub:"):
+    if not pretrained or name.startswith(HF_HUB_PREFIX):
         return
     base = name.removesuffix("-quickgelu")
     if name == TINY_MODEL and pretrained == TINY_TAG:
         return
     if _looks_like_path(pretrained):
+        if Path(pretrained).is_dir():
+            raise ConfigError(f"pretrained={pretrained!r}: is a folder; give the checkpoint file in it")
         if not Path(pretrained).is_file():
             raise ConfigError(f"pretrained={pretrained!r}: checkpoint file not found")
         return
@@ -130,6 +144,82 @@ def check_pretrained(name: str, pretrained: str) -> None:
         valid = sorted(tags) + ([TINY_TAG] if name == TINY_MODEL else [])
         raise ConfigError(f"pretrained={pretrained!r}: not a pretrained tag of {name!r} (valid: "
                           f"{', '.join(valid) or 'none'}), and no such checkpoint file exists")
+
+
+def hub_caches(cache_dir: str | Path | None = None) -> list[Path]:
+    """The Hugging Face hub caches searched for weights, in order: lorekit's cache_dir, then the hub's own
+    (HF_HUB_CACHE, i.e. $HF_HOME/hub, by default ~/.cache/huggingface/hub)."""
+    from huggingface_hub import constants
+
+    caches = [Path(cache_dir).expanduser()] if cache_dir else []
+    return list(dict.fromkeys([*caches, Path(constants.HF_HUB_CACHE)]))
+
+
+def _hub_files(name: str, pretrained: str) -> tuple[str, list[list[str]]] | None:
+    """(repo, [alternative file names, ...]) that open_clip fetches from the hub for name + pretrained, or None
+    when it fetches nothing (random init, a local file, the embedded model)."""
+    weights = [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME]  # open_clip takes the safetensors file when there is one
+    if name.startswith(HF_HUB_PREFIX):
+        return name.removeprefix(HF_HUB_PREFIX), [[HF_CONFIG_NAME], weights]
+    if not pretrained or _looks_like_path(pretrained) or (name == TINY_MODEL and pretrained == TINY_TAG):
+        return None
+    source = open_clip.get_pretrained_cfg(name, pretrained)
+    if not source.get("hf_hub"):
+        raise ConfigError(f"pretrained={pretrained!r}: open_clip has {name!r}'s weights only at the URL "
+                          f"{source.get('url')}; nothing is downloaded here: fetch that file and pass "
+                          "--pretrained /path/to/file")
+    repo, filename = os.path.split(source["hf_hub"])  # 'org/repo/' names the default weights file
+    if not filename or filename == HF_WEIGHTS_NAME:
+        return repo, [weights]
+    if filename.endswith((".bin", ".pth")):
+        return repo, [[filename[:-4] + ".safetensors", filename]]
+    return repo, [[filename]]
+
+
+def weights_cache(name: str, pretrained: str = "", cache_dir: str | Path | None = None) -> str | None:
+    """The local hub cache that holds every file `load_clip(name, pretrained)` needs from the hub.
+
+    None when nothing comes from the hub. When a file is in no cache this fails at once, without touching the
+    network, saying which file to put where.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    needed = _hub_files(name, pretrained)
+    if needed is None:
+        return str(cache_dir) if cache_dir else None
+    repo, files = needed
+    caches = hub_caches(cache_dir)
+    for cache in caches:
+        if all(any(isinstance(try_to_load_from_cache(repo, f, cache_dir=cache), str) for f in alternatives)
+               for alternatives in files):
+            return str(cache)
+    what = " and ".join(" (or ".join(alternatives) + ")" * (len(alternatives) - 1) for alternatives in files)
+    field = f"model={name!r}" if name.startswith(HF_HUB_PREFIX) else f"pretrained={pretrained!r}"
+    where = " or ".join(f"{c} (lorekit's cache_dir)" if c != caches[-1] else
+                        f"{c} (the Hugging Face cache: $HF_HUB_CACHE, else $HF_HOME/hub)" for c in caches)
+    raise ConfigError(
+        f"{field}: the weights are not in a local cache, and nothing is downloaded here. Needed: {what} of the "
+        f"Hugging Face repo {repo!r}, laid out as the hub does (models--{repo.replace('/', '--')}/snapshots/"
+        f"<commit>/<file> plus refs/main holding <commit>) under {where}. On a machine with network, "
+        f"`hf download {repo} --cache-dir DIR` writes that layout into DIR; copy it into one of those folders. "
+        "Or give an open_clip model name with --pretrained /path/to/checkpoint.pt")
+
+
+@contextmanager
+def hub_offline() -> Iterator[None]:
+    """huggingface_hub's offline mode inside the block: a file missing from the cache fails at once."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")
+    constants.HF_HUB_OFFLINE, os.environ["HF_HUB_OFFLINE"] = True, "1"  # the env var for transformers' tokenizers
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved[0]
+        if saved[1] is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved[1]
 
 
 def weights_id(name: str, pretrained: str = "", cache_dir: str | Path | None = None) -> str:
@@ -158,16 +248,22 @@ def load_clip(name: str, pretrained: str = "", *, image_encoder: str | Path | No
     if resolved != name:
         print(f"lorekit: OpenAI weights use QuickGELU; loading {resolved!r} instead of {name!r}")
     check_pretrained(resolved, pretrained)
+    cache = weights_cache(resolved, pretrained, cache_dir)
     if resolved == TINY_MODEL and pretrained == TINY_TAG:
         pretrained = str(pretrained_tiny_checkpoint(cache_dir))
-    try:
-        model = open_clip.create_model(resolved, pretrained=pretrained or None,
-                                       cache_dir=str(cache_dir) if cache_dir else None)
-    except Exception as e:  # open_clip raises many types for unreadable or mismatched weights
-        if _looks_like_path(pretrained):
-            raise ConfigError(f"pretrained={pretrained!r}: not a readable open_clip checkpoint for "
-                              f"{resolved!r} ({type(e).__name__}: {str(e)[:200]})") from None
-        raise
+    with hub_offline():
+        try:
+            model = open_clip.create_model(resolved, pretrained=pretrained or None, cache_dir=cache)
+        except Exception as e:  # open_clip raises many types for unreadable or mismatched weights
+            what = (f"pretrained={pretrained!r}: not a readable open_clip checkpoint for {resolved!r}"
+                    if _looks_like_path(pretrained) else f"model={name!r}, pretrained={pretrained!r}: open_clip "
+                    f"cannot load it from {cache}")
+            raise ConfigError(f"{what} ({describe(e)})") from None
+        try:
+            tokenizer = open_clip.get_tokenizer(resolved, cache_dir=cache)
+        except Exception as e:  # a Hugging Face tokenizer that is not in the cache
+            raise ConfigError(f"model={name!r}: its tokenizer is not in the local cache ({describe(e)}); put its "
+                              f"files in {hub_caches(cache_dir)[-1]}") from None
     model = model.to(device).eval()
     pp = model.visual.preprocess_cfg if hasattr(model.visual, "preprocess_cfg") else {}
     encoder = ImageEncoder(model.visual, model.visual.image_size,
@@ -175,7 +271,6 @@ def load_clip(name: str, pretrained: str = "", *, image_encoder: str | Path | No
                            pp.get("std", open_clip.OPENAI_DATASET_STD)).to(device)
     if image_encoder is not None:
         load_encoder_weights(encoder, image_encoder)
-    tokenizer = open_clip.get_tokenizer(resolved, cache_dir=str(cache_dir) if cache_dir else None)
     return LoadedCLIP(model, tokenizer, resolved, pretrained, encoder)
 
 
@@ -189,7 +284,7 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
         encoder.load_state_dict(state)
     except Exception as e:
         raise ConfigError(f"image_encoder={str(path)!r}: not a state dict for this encoder "
-                          f"({type(e).__name__}: {str(e)[:200]})") from None
+                          f"({describe(e)})") from None
     check_finite(state, path)
 
 

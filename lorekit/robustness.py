@@ -40,13 +40,13 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .apgd import apgd, autoattack_custom, custom_attacks, frozen_parameters
 from .attacks import ce_attack_loss, pgd
-from .config import DEVICES, NORMS, ConfigError, check_choice, default_cache_dir, field_docs
-from .data import TORCHVISION_SETS
-from .rundir import atomic_write_text
+from .config import NORMS, ConfigError, check_choice, default_cache_dir, field_docs, pretrained_for, resolve_device
+from .data import check_dataset
+from .progress import Progress
+from .rundir import atomic_write_text, check_output_dir
 
 SANITY_CHECKS = ("monotone", "tiny_eps", "noise", "pgd", "zero_gradient")
 
@@ -59,11 +59,12 @@ class RobustEvalConfig:
     model: str = "lorekit-tiny"
     """open_clip model name or 'hf-hub:org/name'."""
     pretrained: str = "digits"
-    """Pretrained tag or checkpoint file of the model."""
+    """Pretrained tag or checkpoint file of the model (the default means none for an 'hf-hub:' model)."""
     image_encoder: str = ""
     """Optional fine-tuned image-tower weights (a run's encoder.pt); '' keeps the pretrained tower."""
     dataset: str = "digits"
-    """'digits', a torchvision data set name under data_root, or an image folder."""
+    """A domain of the embedded suite ('digits', 'words', ...), a torchvision data set name under
+    data_root, or an image folder."""
     data_root: str = ""
     """Directory of torchvision data sets; '' means <cache_dir>/data."""
     cache_dir: str = field(default_factory=default_cache_dir)
@@ -104,8 +105,9 @@ class RobustEvalConfig:
             raise ConfigError("eps=(): give at least one ε")
         bad = [e for e in self.eps if not (math.isfinite(e) and 0 < e <= 1)]
         if bad:
-            raise ConfigError(f"eps={bad}: every ε must lie in (0, 1] in pixel units (e.g. 4/255={4 / 255:.5f}; "
-                              "the CLI's --eps is in units of 1/255)")
+            shown = ", ".join(f"{e * 255:g}/255" for e in bad)  # as the CLI's --eps was typed, in 1/255
+            raise ConfigError(f"eps={shown}: every ε must lie in (0, 1] in pixel units, i.e. (0, 255]/255 "
+                              f"(e.g. 4/255={4 / 255:.5f}; the CLI's --eps is in units of 1/255)")
         if len(set(self.eps)) != len(self.eps):
             raise ConfigError(f"eps={list(self.eps)}: values repeat")
         check_choice("norm", self.norm, NORMS)
@@ -116,12 +118,12 @@ class RobustEvalConfig:
                 raise ConfigError(f"{name}={value!r}: must be an integer >= 1")
         if not 0 < self.tiny_eps < min(self.eps):
             raise ConfigError(f"tiny_eps={self.tiny_eps!r}: must lie in (0, min(eps))")
-        if self.dataset not in ("digits", *TORCHVISION_SETS) and not Path(self.dataset).is_dir():
-            raise ConfigError(f"dataset={self.dataset!r}: not a known data set name "
-                              f"({', '.join(['digits', *TORCHVISION_SETS])}) and not an image folder")
-        check_choice("device", self.device, DEVICES)
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("device='cuda': no CUDA device is visible; use 'auto' or 'cpu'")
+        check_dataset(self.dataset)
+        if self.image_encoder and not Path(self.image_encoder).is_file():
+            raise ConfigError(f"image_encoder={self.image_encoder!r}: file not found (a run's encoder.pt)")
+        self.pretrained = pretrained_for(self.model, self.pretrained)
+        resolve_device(self.device)
+        check_output_dir(self.out_path, "out_dir")
         return self
 
     @property
@@ -298,32 +300,31 @@ def evaluate_robustness(classifier: nn.Module, images: torch.Tensor, labels: tor
     robust: dict[float, torch.Tensor] = {}
     timings: dict[str, float] = {}
     chunks = [(s, min(n, s + chunk_size)) for s in range(0, n, chunk_size)]
-    bar = tqdm(total=len(eps_list) * len(chunks), desc="APGD-CE+APGD-T", disable=not progress)
-    for eps in eps_list:
-        folder = out / _eps_tag(eps)
-        folder.mkdir(exist_ok=True)
-        flags, t_eps = [], time.perf_counter()
-        for k, (a, b) in enumerate(chunks):
-            bar.set_postfix_str(f"ε={eps * 255:g}/255 chunk {k + 1}/{len(chunks)}")
-            path = folder / f"chunk{k:04d}.jsonl"
-            if not path.exists():
-                res = autoattack_custom(classifier, images[a:b], labels[a:b], eps, n_iter=n_iter,
-                                        n_target_classes=n_target_classes, norm=norm, n_restarts=n_restarts,
-                                        batch_size=batch_size, seed=seed + 1000 * k)
-                size = (res.x_adv - images[a:b]).flatten(1)
-                size = size.abs().amax(1) if norm == "linf" else size.norm(dim=1)
-                _write_jsonl(path, [{"index": indices[a + i], "label": int(labels[a + i]), "robust": bool(r),
-                                     "fooled_by": f, "adv_pred": int(p), "delta": float(d)}
-                                    for i, (r, f, p, d) in enumerate(zip(res.robust.tolist(), res.fooled_by,
-                                                                         res.adv_pred.tolist(), size.tolist()))])
-            rows = _read_jsonl(path)
-            if [r["index"] for r in rows] != indices[a:b]:
-                raise ConfigError(f"out_dir={str(out)!r}: {path.name} holds other samples; use a fresh out_dir")
-            flags += [r["robust"] for r in rows]
-            bar.update()
-        robust[eps] = torch.tensor(flags)
-        timings[_eps_tag(eps)] = time.perf_counter() - t_eps
-    bar.close()
+    with Progress(len(eps_list) * len(chunks), "APGD-CE+APGD-T", unit="chunk", enabled=progress) as bar:
+        for eps in eps_list:
+            folder = out / _eps_tag(eps)
+            folder.mkdir(exist_ok=True)
+            flags, t_eps = [], time.perf_counter()
+            for k, (a, b) in enumerate(chunks):
+                bar.update(0, at=f"ε={eps * 255:g}/255 chunk {k + 1}/{len(chunks)}")
+                path = folder / f"chunk{k:04d}.jsonl"
+                if not path.exists():
+                    res = autoattack_custom(classifier, images[a:b], labels[a:b], eps, n_iter=n_iter,
+                                            n_target_classes=n_target_classes, norm=norm, n_restarts=n_restarts,
+                                            batch_size=batch_size, seed=seed + 1000 * k)
+                    size = (res.x_adv - images[a:b]).flatten(1)
+                    size = size.abs().amax(1) if norm == "linf" else size.norm(dim=1)
+                    _write_jsonl(path, [{"index": indices[a + i], "label": int(labels[a + i]), "robust": bool(r),
+                                         "fooled_by": f, "adv_pred": int(p), "delta": float(d)}
+                                        for i, (r, f, p, d) in enumerate(zip(res.robust.tolist(), res.fooled_by,
+                                                                             res.adv_pred.tolist(), size.tolist()))])
+                rows = _read_jsonl(path)
+                if [r["index"] for r in rows] != indices[a:b]:
+                    raise ConfigError(f"out_dir={str(out)!r}: {path.name} holds other samples; use a fresh out_dir")
+                flags += [r["robust"] for r in rows]
+                bar.update()
+            robust[eps] = torch.tensor(flags)
+            timings[_eps_tag(eps)] = time.perf_counter() - t_eps
 
     robust_acc = {e: f.float().mean().item() for e, f in robust.items()}
     sanity = _sanity(classifier, images, labels, clean_correct, robust, robust_acc, clean_acc, out, norm=norm,
@@ -379,30 +380,32 @@ def _sanity(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, c
     xs, ys, ok = images[:m], labels[:m], clean_correct[:m]
     steps = [key for key in ("tiny_acc", "zero_gradient_fraction", "noise_acc") if key not in saved]
     steps += [e for e in robust if _eps_tag(e) not in saved.get("pgd_only", {})]
-    for step in tqdm(steps, desc="sanity checks", disable=not progress):
-        if step == "tiny_acc":
-            res = apgd(classifier, xs[ok], ys[ok], tiny_eps, norm=norm, n_iter=sanity_iter,
-                       generator=torch.Generator(device=xs.device).manual_seed(seed))
-            saved["tiny_acc"] = (int(ok.sum()) - int(res.fooled.sum())) / m
-            saved["tiny_clean_acc"] = ok.float().mean().item()
-        elif step == "zero_gradient_fraction":
-            with frozen_parameters(classifier):
-                saved["zero_gradient_fraction"] = margin_gradient_zero_fraction(classifier, xs[ok], ys[ok])
-        elif step == "noise_acc":
-            saved["noise_acc"] = {_eps_tag(e): noise_accuracy(classifier, images, labels, e, norm=norm,
-                                                              batch_size=batch_size, seed=seed) for e in robust}
-        else:
-            gen = torch.Generator(device=xs.device).manual_seed(seed)
-            fooled = torch.zeros(m, dtype=torch.bool, device=xs.device)
-            with frozen_parameters(classifier):
-                for s in range(0, m, batch_size):
-                    x_adv = pgd(ce_attack_loss(classifier, ys[s:s + batch_size]), xs[s:s + batch_size], step,
-                                steps=sanity_iter, norm=norm, generator=gen)
-                    with torch.inference_mode():
-                        fooled[s:s + batch_size] = classifier(x_adv).argmax(1) != ys[s:s + batch_size]
-            apgd_robust = robust[step][:m].to(fooled.device)
-            saved.setdefault("pgd_only", {})[_eps_tag(step)] = int((fooled & apgd_robust).sum())
-        atomic_write_text(path, json.dumps(saved, indent=2))
+    with Progress(len(steps), "sanity checks", unit="check", enabled=progress) as bar:
+        for step in steps:
+            if step == "tiny_acc":
+                res = apgd(classifier, xs[ok], ys[ok], tiny_eps, norm=norm, n_iter=sanity_iter,
+                           generator=torch.Generator(device=xs.device).manual_seed(seed))
+                saved["tiny_acc"] = (int(ok.sum()) - int(res.fooled.sum())) / m
+                saved["tiny_clean_acc"] = ok.float().mean().item()
+            elif step == "zero_gradient_fraction":
+                with frozen_parameters(classifier):
+                    saved["zero_gradient_fraction"] = margin_gradient_zero_fraction(classifier, xs[ok], ys[ok])
+            elif step == "noise_acc":
+                saved["noise_acc"] = {_eps_tag(e): noise_accuracy(classifier, images, labels, e, norm=norm,
+                                                                  batch_size=batch_size, seed=seed) for e in robust}
+            else:
+                gen = torch.Generator(device=xs.device).manual_seed(seed)
+                fooled = torch.zeros(m, dtype=torch.bool, device=xs.device)
+                with frozen_parameters(classifier):
+                    for s in range(0, m, batch_size):
+                        x_adv = pgd(ce_attack_loss(classifier, ys[s:s + batch_size]), xs[s:s + batch_size], step,
+                                    steps=sanity_iter, norm=norm, generator=gen)
+                        with torch.inference_mode():
+                            fooled[s:s + batch_size] = classifier(x_adv).argmax(1) != ys[s:s + batch_size]
+                apgd_robust = robust[step][:m].to(fooled.device)
+                saved.setdefault("pgd_only", {})[_eps_tag(step)] = int((fooled & apgd_robust).sum())
+            atomic_write_text(path, json.dumps(saved, indent=2))
+            bar.update()
     noise = {e: saved["noise_acc"][_eps_tag(e)] for e in robust}
     return {"monotone": check_monotone(clean_acc, robust_acc, n),
             "tiny_eps": check_tiny_eps(saved["tiny_clean_acc"], saved["tiny_acc"], m),

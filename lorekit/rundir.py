@@ -29,7 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
 
-from .config import NON_SEMANTIC_FIELDS, ConfigError, TrainConfig, config_diff
+from .config import NON_SEMANTIC_FIELDS, ConfigError, TrainConfig, config_diff, describe
 
 Record = dict[str, Any]
 
@@ -79,6 +79,19 @@ def read_json(path: str | Path) -> Any:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: cannot read JSON ({type(e).__name__}: {e})") from None
+
+
+def check_output_dir(path: str | Path, field: str) -> None:
+    """Refuse an output folder that cannot be created or written, before any work: `path` (or a parent of it)
+    is a file, or the nearest existing folder is not writable. ConfigError names `field`."""
+    path = Path(path)
+    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == path.absolute() else f"lies under {str(existing)!r}, which is a file"
+        raise ConfigError(f"{field}={str(path)!r}: {where}, not a folder; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{field}={str(path)!r}: cannot write to {str(existing)!r} (permission denied); "
+                          "choose a writable folder")
 
 
 # ----------------------------------------------------------------------------- naming
@@ -167,9 +180,8 @@ def lock(run: str | Path) -> Iterator[None]:
     again, so a run refused or failing before it starts leaves nothing behind.
     """
     run = Path(run)
-    if run.exists() and not run.is_dir():
-        raise ConfigError(f"run_dir={str(run)!r} is a file; a run directory must be a folder (or not exist yet)")
-    created = not run.exists()
+    check_output_dir(run, "run_dir")
+    created = [p for p in (run, *run.parents) if not p.exists()]  # what to remove again if nothing is written
     try:
         run.mkdir(parents=True, exist_ok=True)
         fd = os.open(run / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
@@ -190,7 +202,12 @@ def lock(run: str | Path) -> Iterator[None]:
         finally:
             os.ftruncate(fd, 0)
             if created and [p.name for p in run.iterdir()] == [LOCK]:
-                shutil.rmtree(run, ignore_errors=True)
+                (run / LOCK).unlink()
+                for folder in created:  # innermost first: each is empty once the one inside it is gone
+                    try:
+                        folder.rmdir()
+                    except OSError:  # something else arrived in it meanwhile: leave it
+                        break
     finally:
         os.close(fd)
 
@@ -267,12 +284,16 @@ class LoadedRun(NamedTuple):
     original: Any  # the frozen φθ0
 
 
-def read_config(run_dir: str | Path) -> TrainConfig:
-    """The validated config a run directory was trained with."""
+def read_config(run_dir: str | Path, **overrides: Any) -> TrainConfig:
+    """The validated config a run directory was trained with, with `overrides` applied before validation
+    (e.g. device: a run trained on a GPU is read back on a machine without one)."""
     run = Path(run_dir)
     if not (run / CONFIG).is_file():
         raise ConfigError(f"run={str(run)!r}: not a run directory (no {CONFIG})")
-    return TrainConfig.from_dict(read_json(run / CONFIG))
+    saved = read_json(run / CONFIG)
+    if not isinstance(saved, dict):
+        raise ConfigError(f"run={str(run)!r}: {CONFIG} does not hold a config object")
+    return TrainConfig.from_dict({**saved, **overrides})
 
 
 def tuned_model(run_dir: str | Path, base: Any) -> Any:
@@ -305,7 +326,7 @@ def _load_tensors(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ConfigError(f"{path}: not a readable weights file ({type(e).__name__}: {str(e)[:200]})") from None
+        raise ConfigError(f"{path}: not a readable weights file ({describe(e)})") from None
 
 
 def load_run(run_dir: str | Path, device: Any = "cpu") -> LoadedRun:
@@ -313,7 +334,7 @@ def load_run(run_dir: str | Path, device: Any = "cpu") -> LoadedRun:
     from .models import frozen_copy, load_clip
 
     run = Path(run_dir)
-    cfg = read_config(run)
+    cfg = read_config(run, device="auto")  # the device it trained on may not exist here; `device` is where it loads
     if not is_finished(run):
         raise ConfigError(f"run={str(run)!r}: not finished (no {SUMMARY}); resume it with --resume first")
     base = load_clip(cfg.model, cfg.pretrained, cache_dir=cfg.cache_dir, device=device)

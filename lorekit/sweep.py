@@ -240,9 +240,14 @@ def notebook_parameters(notebook: str | os.PathLike[str]) -> dict[str, dict[str,
     path = Path(notebook)
     if not path.is_file():
         raise SweepError(f"notebook not found: {path}")
+    try:
+        found = papermill.inspect_notebook(str(path))
+    except Exception as exc:  # nbformat raises JSON, schema and conversion errors of unrelated types
+        reason = f"{type(exc).__name__}: {exc}"
+        raise SweepError(f"notebook {path}: cannot read it as a Jupyter notebook ({reason})") from None
     return {
         name: {"default": _literal_or_text(p["default"]), "type": p["inferred_type_name"], "help": p["help"]}
-        for name, p in papermill.inspect_notebook(str(path)).items()
+        for name, p in found.items()
     }
 
 
@@ -726,7 +731,10 @@ def run_sweep(
 
         jobs = JobRunner(executor, slurm or {}, sweep_dir / "submitit")
 
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SweepError(f"out_root {str(out_root)!r}: cannot create the sweep's folder {sweep_dir} ({exc})") from None
     lock = FileLock(str(sweep_dir / ".lock"), timeout=0)
     try:
         lock.acquire()
@@ -911,10 +919,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="sbatch option for --executor slurm (repeatable), e.g. partition=gpu time=240 (minutes, required) "
         "gpus_per_node=1 cpus_per_task=8 mem=64G account=NAME array_parallelism=8",
     )
-    parser.add_argument("--out-root", default="papermill_runs", help="default: papermill_runs")
+    parser.add_argument("--out-root", default="papermill_runs", help="folder that holds the sweep's folder")
     parser.add_argument("--kernel", dest="kernel_name", help="kernel name (default: the notebook's kernelspec)")
     parser.add_argument("--timeout", type=float, help="per-cell execution timeout in seconds")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", "--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -940,7 +948,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
     except SweepError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"lorekit sweep: error: {exc}", file=sys.stderr)
         return 2
     for entry in res.index["points"]:
         wall = "" if entry["wall_time_s"] is None else f"{entry['wall_time_s']:.1f}s"

@@ -27,17 +27,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
-from tqdm.auto import tqdm
 
 from . import methods, rundir
 from .attacks import LossFn, pgd, seeded_random_start
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, describe
 from .distributed import World
-from .evaluate import clean_accuracy, embedding_metrics, pgd_accuracy
+from .evaluate import batch_count, clean_accuracy, embedding_metrics, pgd_accuracy
 from .ledger import Ledger
 from .losses import sqdist
 from .methods import Batch, Context, Update
 from .models import ZeroShotClassifier, frozen_copy, parameter_counts
+from .progress import Progress
 from .stopping import Diverged, Interrupted, StopFlag
 from .tracking import Tracker
 
@@ -228,8 +228,9 @@ class Trainer:
         return log
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self) -> Record:
-        """Periodic held-out evaluation: clean and PGD robust accuracy at the training ε, fidelity."""
+    def evaluate(self, progress: bool = False) -> Record:
+        """Held-out evaluation: clean and PGD robust accuracy at the training ε, fidelity; `progress` reports
+        its batches (the final evaluation; the periodic ones run inside the training's progress)."""
         if self.eval_images is None:
             return {}
         self.trainable.eval()
@@ -238,10 +239,12 @@ class Trainer:
             if self.cfg.trains_text_tower and self.clip is not None:  # the head follows the text tower as it trains
                 weights = self.clip.class_embeddings(self.classnames, self.templates, self.device)
                 self.classifier.weights.copy_(F.normalize(weights.float(), dim=-1))
-            with self.autocast():
-                out["clean_acc"] = clean_accuracy(self.classifier, self.eval_images, self.eval_labels)
+            with self.autocast(), Progress(2 * batch_count(len(self.eval_images)), f"{self.cfg.method} evaluation",
+                                           unit="batch", enabled=progress) as bar:
+                out["clean_acc"] = clean_accuracy(self.classifier, self.eval_images, self.eval_labels, progress=bar)
                 out["robust_acc"] = pgd_accuracy(self.classifier, self.eval_images, self.eval_labels, self.cfg.eps,
-                                                 steps=self.cfg.attack_steps, norm=self.cfg.norm, seed=self.cfg.seed)
+                                                 steps=self.cfg.attack_steps, norm=self.cfg.norm, seed=self.cfg.seed,
+                                                 progress=bar)
         self.trainable.train()
         return out
 
@@ -300,7 +303,7 @@ class Trainer:
             state = torch.load(path, map_location=self.device, weights_only=True)
         except Exception as e:
             raise ConfigError(f"{path}: missing or corrupt checkpoint, cannot resume "
-                              f"({type(e).__name__}: {str(e)[:200]})") from None
+                              f"({describe(e)})") from None
         saved = state.get("base_weights")
         if self.base_weights is not None and saved != self.base_weights:
             raise ConfigError(f"{path}: this run was fine-tuned from {saved or 'unrecorded weights'}, but "
@@ -310,7 +313,7 @@ class Trainer:
             self.load_state_dict(state)
         except Exception as e:
             raise ConfigError(f"{path}: checkpoint does not fit this run, cannot resume "
-                              f"({type(e).__name__}: {str(e)[:200]})") from None
+                              f"({describe(e)})") from None
 
     # ------------------------------------------------------------------ the loop
     def fit(self, callback: Callable[[Record], None] | None = None, progress: bool = True) -> Record:
@@ -325,7 +328,7 @@ class Trainer:
         start_time = time.perf_counter()
         reset_peak_memory()
         tracker = Tracker(cfg, run) if main else None
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.method}", disable=not (progress and main))
+        bar = Progress(cfg.steps, cfg.method, initial=self.step, enabled=progress and main)
         flag = StopFlag()
         try:
             with flag.installed(), (open(run / rundir.METRICS, "a") if main else nullcontext()) as metrics:
@@ -356,8 +359,7 @@ class Trainer:
                         raise Diverged(self.step, bad, values[bad], self._last_checkpoint())
                     if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps or signum:
                         self.save_checkpoint()
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{values['loss']:.3g}", viol=f"{values['violation']:.2f}")
+                    bar.update(1, loss=values["loss"], viol=values["violation"])
                     if signum and self.step < cfg.steps:
                         raise Interrupted(signum, self.step, cfg.steps, run)
             bar.close()
@@ -366,7 +368,7 @@ class Trainer:
                        "updates_per_batch": cfg.updates_per_batch, "world_size": self.world.size,
                        "ledger": self.ledger.totals()}
             if main:
-                summary.update(self._finish(tracker, callback, start_time))
+                summary.update(self._finish(tracker, callback, start_time, progress))
             return self.world.broadcast(summary)  # every rank returns rank 0's summary
         finally:
             bar.close()
@@ -374,10 +376,11 @@ class Trainer:
                 tracker.close()
             self.world.barrier()  # no rank leaves (torchrun stops the others when one exits) before rank 0 wrote
 
-    def _finish(self, tracker: Tracker, callback: Callable[[Record], None] | None, start_time: float) -> Record:
+    def _finish(self, tracker: Tracker, callback: Callable[[Record], None] | None, start_time: float,
+                progress: bool) -> Record:
         """Rank 0: the final evaluation, the fine-tuned weights and the summary."""
         run = self.cfg.run_path
-        final = {"kind": "eval", "step": self.step, **self.evaluate()}
+        final = {"kind": "eval", "step": self.step, **self.evaluate(progress)}
         with open(run / rundir.METRICS, "a") as metrics:
             metrics.write(json.dumps(final) + "\n")
         tracker.log(final)

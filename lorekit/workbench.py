@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError, TrainConfig, resolve_device
-from .data import DataBundle, few_shot, fixed_subset, load_dataset, stack
+from .data import DataBundle, check_dataset, few_shot, fixed_subset, load_dataset, stack
 from .evaluate import evaluate_encoder
 from .models import LoadedCLIP, ZeroShotClassifier, frozen_copy, load_clip, load_encoder_weights, weights_id
 from .rundir import ADAPTER, ENCODER, SUMMARY, read_config, read_json, tuned_model
@@ -85,19 +85,23 @@ class Workbench:
 
     def evaluate(self, encoder: nn.Module, eps: Sequence[float], *, steps: int, rho: float | None = None,
                  seed: int | None = None, attacks: Sequence[str] = ("pgd",),
-                 class_embeddings: torch.Tensor | None = None) -> dict[str, float]:
+                 class_embeddings: torch.Tensor | None = None, progress: bool = False,
+                 desc: str = "evaluation") -> dict[str, float]:
         """Clean accuracy, robust accuracy under each attack ('pgd', 'fgsm', 'apgd'; `steps` iterations) at each
         ε, cosine and fidelity to the original, on the subset; over this workbench's class embeddings unless
-        others are given."""
+        others are given; `progress` reports it under `desc`."""
         weights = self.class_embeddings if class_embeddings is None else class_embeddings
         return evaluate_encoder(encoder, self.original, weights, self.images, self.labels, eps, rho=rho, steps=steps,
-                                norm=self.cfg.norm, seed=self.cfg.seed if seed is None else seed, attacks=attacks)
+                                norm=self.cfg.norm, seed=self.cfg.seed if seed is None else seed, attacks=attacks,
+                                progress=progress, desc=desc)
 
     def evaluate_run(self, run_dir: str | Path, eps: Sequence[float], *, steps: int, rho: float | None = None,
-                     seed: int | None = None, attacks: Sequence[str] = ("pgd",)) -> dict[str, float]:
+                     seed: int | None = None, attacks: Sequence[str] = ("pgd",), progress: bool = False,
+                     desc: str = "evaluation") -> dict[str, float]:
         """`evaluate` of a finished run with the head it classifies with (its own text tower's, see `head_of`)."""
         encoder, weights = self.head_of(run_dir)
-        return self.evaluate(encoder, eps, steps=steps, rho=rho, seed=seed, attacks=attacks, class_embeddings=weights)
+        return self.evaluate(encoder, eps, steps=steps, rho=rho, seed=seed, attacks=attacks, class_embeddings=weights,
+                             progress=progress, desc=desc)
 
 
 def setup(cfg: TrainConfig, *, subset_seed: int = 0) -> Workbench:
@@ -108,6 +112,7 @@ def setup(cfg: TrainConfig, *, subset_seed: int = 0) -> Workbench:
     """
     cfg.validate()
     device = resolve_device(cfg.device)
+    check_dataset(cfg.dataset)
     clip = load_clip(cfg.model, cfg.pretrained, cache_dir=cfg.cache_dir, device=device)
     data = load_dataset(cfg.dataset, root=cfg.data_path, image_size=clip.encoder.image_size[0])
     if cfg.shots:

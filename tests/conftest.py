@@ -41,3 +41,45 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def hub_cache(tmp_path: Path, monkeypatch):
+    """A Hugging Face hub cache in tmp_path/hub, laid out as huggingface_hub writes it, made the hub's cache
+    (HF_HUB_CACHE). `hub_cache(repo, {file name: write(path)})` adds a repo's files; returns the cache folder."""
+    import huggingface_hub.constants
+
+    root = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(root))
+
+    def add(repo: str, files: dict) -> Path:
+        repo_dir = root / f"models--{repo.replace('/', '--')}"
+        snapshot = repo_dir / "snapshots" / ("0" * 40)
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for name, write in files.items():
+            write(snapshot / name)
+        (repo_dir / "refs").mkdir(exist_ok=True)
+        (repo_dir / "refs" / "main").write_text("0" * 40)
+        return root
+
+    return add
+
+
+@pytest.fixture
+def tiny_hub_repo(hub_cache):
+    """`tiny_hub_repo(repo)`: a hub repo in `hub_cache` holding lorekit-tiny's weights and, unless config=False,
+    its open_clip_config.json (what an 'hf-hub:' name needs; a pretrained tag needs the weights only)."""
+    import json
+
+    import open_clip
+
+    from lorekit.pretrain import TINY_MODEL
+
+    def add(repo: str, config: bool = True) -> Path:
+        files = {"open_clip_pytorch_model.bin": lambda p: torch.save(open_clip.create_model(TINY_MODEL).state_dict(), p)}
+        if config:
+            cfg = {"model_cfg": open_clip.get_model_config(TINY_MODEL), "preprocess_cfg": {}}
+            files["open_clip_config.json"] = lambda p: p.write_text(json.dumps(cfg))
+        return hub_cache(repo, files)
+
+    return add

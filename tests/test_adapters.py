@@ -1,23 +1,37 @@
 """LoRA through peft on open_clip towers: exact attention swap, frozen base, reference, save, merge, errors."""
 
 import copy
+from pathlib import Path
 
 import open_clip
 import pytest
+from open_clip.utils import freeze_batch_norm_2d
 import torch
 from torch import nn
 
 import lorekit.models  # noqa: F401  (registers the lorekit-tiny config)
-from lorekit.adapters import SplitQKVAttention, add_lora
+from lorekit.adapters import SplitAttentionPool2d, SplitQKVAttention, add_lora
 from lorekit.config import ConfigError
 from lorekit.models import parameter_counts
 
 CONTEXT = 16
+# The embedded lorekit-tiny has a ResNet image tower (one attention layer: its pool); tiny-vit, a test-only config
+# of the same size with a ViT image tower, covers transformer blocks in both towers.
+open_clip.add_model_config(Path(__file__).parent / "fixtures" / "model_configs")
+ARCHS = ("lorekit-tiny", "tiny-vit")
 
 
-def _tiny() -> nn.Module:
+def _tiny(arch: str = "tiny-vit") -> nn.Module:
+    """A random-weight tiny CLIP; a ResNet tower's BatchNorm frozen, as lorekit.models.ImageEncoder does."""
     torch.manual_seed(0)
-    return open_clip.create_model("lorekit-tiny").eval()
+    model = open_clip.create_model(arch).eval()
+    freeze_batch_norm_2d(model.visual)
+    return model
+
+
+def _adapted_shapes(model: nn.Module) -> list[tuple[int, int]]:
+    """(in, out) features of every projection peft wrapped."""
+    return [(m.base_layer.in_features, m.base_layer.out_features) for m in model.modules() if hasattr(m, "lora_A")]
 
 
 def _inputs(batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,13 +90,17 @@ def test_split_attention_matches_multihead_attention(batch_first, mask):
     assert all(torch.equal(fused.state_dict()[k], v) for k, v in mha.state_dict().items())
 
 
-def test_swapped_tiny_towers_match_the_original_including_the_causal_text_mask():
-    model = _tiny()
+@pytest.mark.parametrize("arch", ARCHS)
+def test_swapped_tiny_towers_match_the_original_including_the_causal_text_mask(arch):
+    model = _tiny(arch)
     original = copy.deepcopy(model)
     images, text = _inputs()
     add_lora(model, rank=2, towers="both")
     assert isinstance(model.transformer.resblocks[0].attn, SplitQKVAttention)
-    assert isinstance(model.visual.transformer.resblocks[0].attn, SplitQKVAttention)
+    if arch == "tiny-vit":
+        assert isinstance(model.visual.transformer.resblocks[0].attn, SplitQKVAttention)
+    else:
+        assert isinstance(model.visual.attnpool, SplitAttentionPool2d)
     _assert_close(_embed(model, images, text), _embed(original, images, text))
     # Guard: the pooled token sits mid-sequence, so ignoring the causal mask would change the embedding.
     with torch.no_grad():
@@ -103,15 +121,16 @@ def test_swapped_vit_b32_matches_the_original():
         _assert_close(_embed(model, images, text), original)
 
 
-def test_only_adapter_weights_train():
-    model = _tiny()
+@pytest.mark.parametrize("arch,blocks", [("lorekit-tiny", 1 + 2), ("tiny-vit", 3 + 2)])
+def test_only_adapter_weights_train(arch, blocks):
+    model = _tiny(arch)
     original = copy.deepcopy(model)
     lora = add_lora(model, rank=2, targets=("q", "k", "v", "o"))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
-    assert len(trainable) == 2 * 4 * (3 + 2)  # A and B × 4 projections × (3 image + 2 text blocks)
+    assert len(trainable) == 2 * 4 * blocks  # A and B × 4 projections × (image + text attention blocks)
     n_adapter = sum(v.numel() for v in lora.adapter_state_dict().values())
-    assert n_adapter == 2 * 2 * 4 * (3 * 96 + 2 * 128)  # (A: r×D + B: D×r) × 4 projections × blocks' widths
+    assert n_adapter == sum(2 * (i + o) for i, o in _adapted_shapes(model))  # A: r×in, B: out×r
     assert parameter_counts(model) == (n_adapter, parameter_counts(original)[1] + n_adapter)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     _train(model)
@@ -119,8 +138,9 @@ def test_only_adapter_weights_train():
     assert changed == trainable
 
 
-def test_disabled_adapters_give_the_original_outputs_before_and_after_training():
-    model = _tiny()
+@pytest.mark.parametrize("arch", ARCHS)
+def test_disabled_adapters_give_the_original_outputs_before_and_after_training(arch):
+    model = _tiny(arch)
     original = copy.deepcopy(model)
     lora = add_lora(model, rank=4, alpha=8)
     images, text = _inputs()
@@ -162,25 +182,29 @@ def test_text_tower_adapters_leave_the_image_tower_alone():
     assert torch.equal(model.encode_image(images), original.encode_image(images))
 
 
-def test_q_v_targets_leave_the_k_slice_of_the_merged_weights_unchanged():
-    model = _tiny()
+@pytest.mark.parametrize("arch", ARCHS)
+def test_q_v_targets_leave_the_k_slice_of_the_merged_weights_unchanged(arch):
+    model = _tiny(arch)
     original = copy.deepcopy(model)
     lora = add_lora(model, rank=2, alpha=4, targets=("q", "v"))
     _train(model)
     merged = lora.merge()
     for name, before in original.state_dict().items():
         after = merged.state_dict()[name]
-        if not name.endswith("attn.in_proj_weight"):
+        if name.endswith("attn.in_proj_weight"):  # transformer blocks: q, k, v fused
+            q, k, v = zip(after.chunk(3), before.chunk(3))
+            assert torch.equal(*k), name
+            assert not torch.equal(*q) and not torch.equal(*v), name
+        elif name.startswith("visual.attnpool.") and name.split(".")[2] in ("q_proj", "v_proj"):  # the ResNet pool
+            assert name.endswith(".bias") or not torch.equal(after, before), name
+        else:
             assert torch.equal(after, before), name
-            continue
-        q, k, v = zip(after.chunk(3), before.chunk(3))
-        assert torch.equal(*k), name
-        assert not torch.equal(*q) and not torch.equal(*v), name
 
 
-def test_merged_export_loads_through_open_clip_with_the_adapted_embeddings(tmp_path):
-    model = _tiny()
-    fresh_keys = open_clip.create_model("lorekit-tiny").state_dict().keys()
+@pytest.mark.parametrize("arch", ARCHS)
+def test_merged_export_loads_through_open_clip_with_the_adapted_embeddings(arch, tmp_path):
+    model = _tiny(arch)
+    fresh_keys = freeze_batch_norm_2d(open_clip.create_model(arch)).state_dict().keys()
     lora = add_lora(model, rank=2, alpha=4, targets=("q", "k", "v", "o"))
     _train(model)
     images, text = _inputs()
@@ -191,16 +215,18 @@ def test_merged_export_loads_through_open_clip_with_the_adapted_embeddings(tmp_p
     assert all(p.requires_grad for p in merged.parameters())  # as open_clip built it
     path = tmp_path / "merged.pt"
     torch.save(merged.state_dict(), path)
-    loaded = open_clip.create_model("lorekit-tiny", pretrained=str(path)).eval()
-    assert not any(isinstance(m, SplitQKVAttention) for m in loaded.modules())
+    loaded = open_clip.create_model(arch, pretrained=str(path)).eval()
+    assert not any(isinstance(m, (SplitQKVAttention, SplitAttentionPool2d)) for m in loaded.modules())
+    assert not any(isinstance(m, (SplitQKVAttention, SplitAttentionPool2d)) for m in merged.modules())
     with torch.no_grad():
         _assert_close(_embed(loaded, images, text), adapted)
     with pytest.raises(RuntimeError, match="merged"):
         lora.adapter_state_dict()
 
 
-def test_adapter_state_dict_round_trips(tmp_path):
-    base = _tiny()
+@pytest.mark.parametrize("arch", ARCHS)
+def test_adapter_state_dict_round_trips(arch, tmp_path):
+    base = _tiny(arch)
     model = copy.deepcopy(base)
     lora = add_lora(model, rank=2, targets=("q", "v"))
     _train(model)
@@ -242,7 +268,7 @@ def test_bad_settings_are_refused_before_the_model_changes(kwargs, needle):
 
 
 def test_models_without_open_clip_attention_blocks_are_refused():
-    with pytest.raises(ConfigError, match="no open_clip ResidualAttentionBlock in its image tower"):
+    with pytest.raises(ConfigError, match="no open_clip attention block in its image tower"):
         add_lora(nn.Sequential(nn.Linear(4, 4)), towers="image")
     text_only = _tiny().transformer  # a text transformer: no .visual
     with pytest.raises(ConfigError, match="towers='image'.*image tower"):

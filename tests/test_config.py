@@ -63,6 +63,12 @@ def test_cli_help_shows_field_docs(tmp_path):
     (["--model", "ViT-Nope"], "model='ViT-Nope'"),
     (["--pretrained", "missing.pt"], "pretrained='missing.pt'"),
     (["--dataset", "no_such_folder"], "dataset='no_such_folder'"),
+    (["--eps", "4/0"], "eps='4/0': must be a finite number"),
+    (["--dataset", ""], "dataset='': not a known data set name"),
+    (["--steps", "abc"], "steps='abc': must be an integer"),
+    (["--device", "gpu"], "device='gpu': must be one of auto, cpu, cuda"),
+    (["--model", "hf-hub:org/x", "--pretrained", "openai"], "an 'hf-hub:' model carries its own weights"),
+    (["--recipe", "nope"], "recipe='nope': unknown"),
 ])
 def test_cli_errors_before_any_work_and_writes_nothing(tmp_path, monkeypatch, capsys, args, needle):
     from lorekit.__main__ import main
@@ -71,3 +77,15 @@ def test_cli_errors_before_any_work_and_writes_nothing(tmp_path, monkeypatch, ca
     assert main(["train", "--run-dir", "out", *args]) == 2
     assert needle in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("text", ["4/0", "0/0", "1/0.0", "4/255/2", "4/", "/255"])
+def test_unparsable_fractions_name_the_field(text):
+    with pytest.raises(ConfigError, match=f"eps='{text}': must be a finite number"):
+        TrainConfig(eps=text).validate()
+
+
+def test_an_hf_hub_model_does_not_inherit_the_embedded_models_tag():
+    assert TrainConfig(model="hf-hub:chs20/fare4-clip").validate().pretrained == ""
+    assert TrainConfig(model="hf-hub:org/x", pretrained="openai").validate().pretrained == "openai"  # refused later
+    assert TrainConfig().validate().pretrained == "digits"

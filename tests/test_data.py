@@ -73,3 +73,30 @@ def test_torchvision_mnist_from_local_files(tmp_path):
 def test_missing_torchvision_data_names_the_root(tmp_path):
     with pytest.raises(ConfigError, match="dataset='cifar10': not found under data_root"):
         load_dataset("cifar10", root=tmp_path)
+
+
+def test_a_broken_image_is_named_when_the_folder_loads(tmp_path):
+    _write_folder(tmp_path / "photos", ["cat", "dog"])
+    (tmp_path / "photos" / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    with pytest.raises(ConfigError, match=r"dog/broken\.png is not a readable image"):
+        load_dataset(str(tmp_path / "photos"), image_size=16)
+
+
+def test_a_single_class_folder_is_refused(tmp_path):
+    _write_folder(tmp_path / "one", ["cat"], n=8)
+    with pytest.raises(ConfigError, match="single class, 'cat'; zero-shot classification needs at least 2"):
+        load_dataset(str(tmp_path / "one"), image_size=16)
+
+
+def test_train_and_test_folders_must_have_the_same_classes(tmp_path):
+    _write_folder(tmp_path / "split" / "train", ["a", "b"])
+    _write_folder(tmp_path / "split" / "test", ["a", "c"])
+    with pytest.raises(ConfigError, match=r"test/ has classes \['a', 'c'\], train/ has \['a', 'b'\]"):
+        load_dataset(str(tmp_path / "split"), image_size=16)
+
+
+def test_an_empty_dataset_name_is_not_the_current_folder(tmp_path, monkeypatch):
+    _write_folder(tmp_path, ["a", "b"])  # the current folder would load as an image folder
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="dataset='': not a known data set name"):
+        load_dataset("")

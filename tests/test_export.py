@@ -56,7 +56,9 @@ def _assert_same_model(model: torch.nn.Module, loaded) -> None:
         image = model.encode_image((x - loaded.clip.encoder.mean) / loaded.clip.encoder.std)
         text, base_text = model.encode_text(tokens), base.model.encode_text(tokens)
     assert not torch.allclose(tuned_image, original_image, atol=1e-4), "the run did not change the encoder"
-    torch.testing.assert_close(image, tuned_image, rtol=0, atol=1e-6)
+    # atol 1e-5: a loaded model's BatchNorm computes the affine map that lorekit's FrozenBatchNorm2d does,
+    # in another order (the embedded model is a ResNet)
+    torch.testing.assert_close(image, tuned_image, rtol=0, atol=1e-5)
     torch.testing.assert_close(text, base_text, rtol=0, atol=0)
     torch.testing.assert_close(model.logit_scale, base.model.logit_scale, rtol=0, atol=0)
 
@@ -114,10 +116,11 @@ def test_a_run_from_a_hub_model_exports_with_the_hub_models_config(exported, hub
     config = json.loads((again / "open_clip_config.json").read_text())
     assert config == json.loads((exported / "open_clip_config.json").read_text())
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{again}")
+    model.eval()  # BatchNorm: the embedded model is a ResNet
     tuned = load_run(cfg.run_path).clip.encoder
     x = _images()
     with torch.no_grad():
-        torch.testing.assert_close(model.encode_image((x - tuned.mean) / tuned.std), tuned(x), rtol=0, atol=1e-6)
+        torch.testing.assert_close(model.encode_image((x - tuned.mean) / tuned.std), tuned(x), rtol=0, atol=1e-5)
 
 
 def test_cli_exports_and_replaces_only_a_previous_export(run, tmp_path, capsys):
@@ -141,9 +144,9 @@ def _edit_json(path, **fields):
 
 @pytest.mark.parametrize("damage,needle", [
     (lambda r: (r / SUMMARY).unlink(), "not finished"),
-    (lambda r: torch.save({k: v.fill_(float("nan")) if k.endswith("proj") else v
+    (lambda r: torch.save({k: v.fill_(float("nan")) if k.endswith("attnpool.c_proj.weight") else v
                            for k, v in torch.load(r / ENCODER, weights_only=True).items()}, r / ENCODER),
-     "NaN or inf \\(visual.proj\\).*diverged"),
+     "NaN or inf \\(.*attnpool.c_proj.weight\\).*diverged"),
     (lambda r: _edit_json(r / "config.json", pretrained=""), "random weights"),
     (lambda r: _edit_json(r / SUMMARY, base_weights="lorekit-tiny@another-pretraining.pt"), "now resolves to"),
     (lambda r: (r / "config.json").unlink(), "not a run directory"),
@@ -196,6 +199,7 @@ def test_a_lora_run_exports_with_its_adapters_folded_in(tmp_path, one_thread):
     lorekit.train(cfg, progress=False)
     dest = export(cfg.run_dir, tmp_path / "out")
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{dest}")
+    model.eval()
     tuned = lorekit.load_run(cfg.run_dir).clip
     with torch.no_grad():
         torch.testing.assert_close(model.encode_image((_images() - tuned.encoder.mean) / tuned.encoder.std),

@@ -2,7 +2,6 @@
 step boundary after a checkpoint, one writer per run directory, runs that died early start again, torn
 metrics lines are dropped; and the trainer's switches (TensorBoard, gradient checkpointing, torch.compile)."""
 
-import json
 import os
 import signal
 import subprocess

@@ -45,8 +45,9 @@ def test_every_method_trains_and_writes_a_run(tiny_cfg, method):
 
 
 def test_lore_tracks_the_constraint_where_fare_drifts(tiny_cfg):
-    # The same budget for both; LORE's clean embedding must stay closer to the original.
-    base = replace(tiny_cfg, steps=12, lr=3e-4, eval_every=0, rho=0.01, primal_steps=2, batch_size=32)
+    # The same budget for both; LORE's clean embedding must stay closer to the original. ρ lies below
+    # FARE's drift in 12 steps (a relative distance of about 0.005 on the embedded model).
+    base = replace(tiny_cfg, steps=12, lr=3e-4, eval_every=0, rho=0.002, primal_steps=2, batch_size=32)
     fare = train(replace(base, method="fare", run_dir=base.run_dir + "-fare"), progress=False)
     lore = train(replace(base, method="lore", run_dir=base.run_dir + "-lore", dual_lr=0.05), progress=False)
     assert lore["final"]["fidelity"] < fare["final"]["fidelity"]
@@ -88,7 +89,7 @@ def test_runs_record_their_base_weights_and_stale_runs_are_not_reused_or_resumed
     cfg = replace(tiny_cfg, steps=2, eval_every=0)
     summary = train(cfg, progress=False)
     current = weights_id(cfg.model, cfg.pretrained, cfg.cache_dir)
-    assert summary["base_weights"] == current and current.startswith("lorekit-tiny@lorekit-tiny-digits-")
+    assert summary["base_weights"] == current and current.startswith("lorekit-tiny@lorekit-tiny-suite-")
     assert torch.load(cfg.run_path / "checkpoint.pt", weights_only=True)["base_weights"] == current
     assert finished_and_current(cfg)
     assert not finished_and_current(replace(cfg, rho=0.3))
