@@ -42,6 +42,7 @@ EVAL_MODEL_FIELDS = ("model", "pretrained", "dataset")  # eval's flags that a --
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import ATTACKS
     from .rundir import is_finished, read_config
     from .workbench import setup
 
@@ -49,6 +50,8 @@ def _eval(args: argparse.Namespace) -> int:
     if bad or args.samples < 1 or args.steps < 1:
         raise ConfigError(f"eps={bad}: every ε must lie in (0, 255] (units of 1/255)" if bad else
                           f"samples={args.samples}, steps={args.steps}: both must be integers >= 1")
+    if not set(args.attack) <= set(ATTACKS):
+        raise ConfigError(f"attack={args.attack}: choose one or more of {', '.join(ATTACKS)}")
     resolve_device(args.device)
     given = {k: getattr(args, k) for k in EVAL_MODEL_FIELDS if getattr(args, k) is not None}
     if args.run:
@@ -62,9 +65,15 @@ def _eval(args: argparse.Namespace) -> int:
     else:
         cfg = TrainConfig(**given, device=args.device, eval_samples=args.samples).validate()
     bench = setup(cfg)
-    encoder = bench.encoder_of(args.run) if args.run else bench.original
-    print(json.dumps(bench.evaluate(encoder, [e / 255 for e in args.eps], steps=args.steps,
-                                    rho=cfg.rho if args.run else None, seed=0, progress=True), indent=2))
+    eps = [e / 255 for e in args.eps]
+    rho = cfg.rho if args.run else None
+    if args.run:  # with the run's own text tower when it trained one
+        results = bench.evaluate_run(args.run, eps, steps=args.steps, rho=rho, seed=0, attacks=args.attack,
+                                     progress=True)
+    else:
+        results = bench.evaluate(bench.original, eps, steps=args.steps, rho=rho, seed=0, attacks=args.attack,
+                                 progress=True)
+    print(json.dumps(results, indent=2))
     return 0
 
 
@@ -97,9 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quiet(p)
     p.set_defaults(func=_train)
 
-    p = command("eval", "zero-shot clean/PGD-robust accuracy and embedding fidelity",
+    p = command("eval", "zero-shot clean/robust (PGD, FGSM, APGD) accuracy and embedding fidelity",
                 "Evaluate an image encoder on a fixed seeded subset of a data set's test split: zero-shot clean "
-                "accuracy, robust accuracy under cross-entropy PGD at each ε, and (for a run) cosine and fidelity "
+                "accuracy, robust accuracy under each --attack at each ε, and (for a run) cosine and fidelity "
                 "to the original encoder. The encoder is a finished run's (--run, which also names the model and "
                 "data set) or a model's own (--model/--pretrained/--dataset). Prints JSON.")
     p.add_argument("--run", default="", help="a finished run directory written by `lorekit train` (uses its config)")
@@ -109,7 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help=f"data set name or image folder (default: {TrainConfig.dataset})")
     p.add_argument("--eps", type=float, nargs="+", default=[2, 4, 8], help="ε values in units of 1/255")
     p.add_argument("--samples", type=int, default=1000, help="test images to evaluate (seeded subset)")
-    p.add_argument("--steps", type=int, default=20, help="PGD iterations")
+    p.add_argument("--attack", nargs="+", default=["pgd"], metavar="ATTACK",
+                   help="attacks on the zero-shot cross-entropy, one or more of: pgd (lorekit's PGD: random start, "
+                        "momentum, step ε/4), fgsm (one step of size ε), apgd (APGD-CE + APGD-T, AutoAttack's "
+                        "'custom'); robust accuracy is reported as robust_acc@ε, fgsm_acc@ε, apgd_acc@ε")
+    p.add_argument("--steps", type=int, default=20, help="PGD and APGD iterations (the AdvCLIP-LoRA paper: PGD-100)")
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
     _add_quiet(p)
     p.set_defaults(func=_eval)

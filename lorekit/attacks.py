@@ -3,7 +3,7 @@
 `pgd` maximises `loss_fn(x_adv)` (a [B] tensor) inside the ℓ∞ or ℓ2 ε-ball around x and inside
 [0,1]. It is FARE's variant: uniform random start, momentum 0.9 on the (sign of the) gradient,
 last iterate returned. The loop never calls .item() or branches on tensor values, so it issues
-no host–device sync per iteration.
+no host–device sync per iteration. `fgsm` is its one-step case.
 
 Losses to attack with: `embedding_attack_loss` (the unsupervised ‖φθ(x+δ) − φθ0(x)‖²) and
 `ce_attack_loss` (cross-entropy of a classifier).
@@ -86,6 +86,15 @@ def pgd(loss_fn: LossFn, x: torch.Tensor, eps: float, *, steps: int = 10, step_s
                 x_adv = x_adv + step_size * _l2_normalize(velocity)
             x_adv = project(x_adv, x, eps, norm)
     return x_adv.detach()
+
+
+def fgsm(loss_fn: LossFn, x: torch.Tensor, eps: float, *, norm: str = "linf") -> torch.Tensor:
+    """FGSM (Goodfellow et al. 2015): one step of size ε from x along sign(∇loss), clipped to [0,1].
+
+    `pgd` with one step, step size ε and no random start is exactly that (ℓ∞: x + ε·sign(g); ℓ2: the
+    fast gradient method x + ε·g/‖g‖).
+    """
+    return pgd(loss_fn, x, eps, steps=1, step_size=eps, norm=norm, random_init=False)
 
 
 def embedding_attack_loss(encoder: nn.Module, ref_embedding: torch.Tensor) -> LossFn:

@@ -58,8 +58,9 @@ class TrainConfig:
     method: str = "lore"
     """Training objective, a name in the method registry (lorekit.methods): 'fare' (unsupervised
     adversarial embedding loss), 'fare-reg' (FARE plus a constant-λ clean penalty), 'lore'
-    (constrained, primal-dual with a learned λ(x)) or 'tecoa' (supervised cross-entropy of the
-    zero-shot classifier on adversarial images)."""
+    (constrained, primal-dual with a learned λ(x)), 'tecoa' (supervised cross-entropy of the
+    zero-shot classifier on adversarial images) or 'advclip-lora' (TeCoA's loss with LoRA on both towers,
+    the class embeddings recomputed through the adapted text tower; needs adapter='lora')."""
 
     model: str = "lorekit-tiny"
     """open_clip model name (e.g. 'ViT-B-32', 'ViT-L-14-quickgelu') or 'hf-hub:org/name'."""
@@ -76,6 +77,11 @@ class TrainConfig:
 
     data_root: str = ""
     """Directory holding torchvision data sets; '' means <cache_dir>/data. Nothing is downloaded."""
+
+    shots: int = 0
+    """Few-shot training: this many training images per class, drawn with `seed` (lorekit.data.few_shot;
+    AdvCLIP-LoRA uses 1 to 16). 0 trains on the whole training split. More shots than the smallest class
+    holds is refused, naming the class; so is a batch_size larger than the subset (shots × classes)."""
 
     cache_dir: str = field(default_factory=default_cache_dir)
     """Cache for the pretrained embedded model and data ($LOREKIT_CACHE, else ~/.cache/lorekit)."""
@@ -230,6 +236,11 @@ class TrainConfig:
                 "targets": tuple(t.strip() for t in self.lora_targets.split(",")), "towers": self.lora_towers}
 
     @property
+    def trains_text_tower(self) -> bool:
+        """Whether adapters sit on the text tower, so the run's class embeddings are its own, not the base model's."""
+        return self.adapter == "lora" and self.lora_towers in ("text", "both")
+
+    @property
     def data_path(self) -> Path:
         return Path(self.data_root) if self.data_root else Path(self.cache_dir) / "data"
 
@@ -282,12 +293,13 @@ class TrainConfig:
         for name in ("steps", "batch_size", "attack_steps", "dual_hidden", "checkpoint_every", "eval_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be an integer >= 1")
-        for name in ("eval_every", "workers", "budget"):
+        for name in ("eval_every", "workers", "budget", "shots"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be an integer >= 0")
-        if self.budget:
-            from .methods import get
+        from .methods import get
 
+        get(self.method).check_config(self)
+        if self.budget:
             per_step = get(self.method).passes_per_step(self)
             if self.budget < per_step:
                 raise ConfigError(f"budget={self.budget}: less than one step of {self.method} "

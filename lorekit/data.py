@@ -8,13 +8,14 @@
   present). Every image is checked once when the folder is loaded, so a broken file is named before
   training starts rather than crashing a run halfway.
 
-Class names and templates come from clip_benchmark's tables where it has the data set.
+Class names and templates come from clip_benchmark's tables where it has the data set. `few_shot` cuts
+any of them to N training images per class (AdvCLIP-LoRA's CoOp-style few-shot splits).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -217,3 +218,40 @@ def fixed_subset(n_total: int, n: int, seed: int = 0) -> list[int]:
     if n >= n_total:
         return list(range(n_total))
     return sorted(torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n].tolist())
+
+
+def labels_of(ds: Dataset) -> torch.Tensor:
+    """Every label of a data set, in order: from the label list it keeps (torchvision sets, image folders,
+    tensors; no image is read), else item by item."""
+    if isinstance(ds, TensorDataset):
+        return ds.tensors[1].long()
+    if isinstance(ds, Subset):
+        return labels_of(ds.dataset)[torch.as_tensor(list(ds.indices), dtype=torch.long)]
+    for name in ("targets", "labels", "_labels", "y"):  # the names torchvision's data sets use
+        values = getattr(ds, name, None)
+        if values is not None and len(values) == len(ds):
+            return torch.as_tensor([int(v) for v in values], dtype=torch.long)
+    samples = getattr(ds, "_samples", None)  # GTSRB, StanfordCars: (path, label) pairs
+    if samples is not None and len(samples) == len(ds):
+        return torch.as_tensor([int(label) for _, label in samples], dtype=torch.long)
+    return torch.as_tensor([int(ds[i][1]) for i in range(len(ds))], dtype=torch.long)
+
+
+def few_shot(data: DataBundle, shots: int, seed: int) -> DataBundle:
+    """`data` with its training split cut to `shots` images of every class, drawn with `seed`; the test split is
+    untouched. Refuses (ConfigError) when a class has fewer than `shots` training images, naming it."""
+    if shots < 1:
+        raise ConfigError(f"shots={shots}: must be an integer >= 1 (0 means the whole training split)")
+    labels = labels_of(data.train)
+    counts = torch.bincount(labels, minlength=len(data.classnames))
+    short = int(counts.argmin())
+    if counts[short] < shots:
+        name = data.classnames[short] if short < len(data.classnames) else str(short)
+        raise ConfigError(f"shots={shots}: class {name!r} has only {int(counts[short])} training images in "
+                          f"{data.name!r}; use shots <= {int(counts[short])}")
+    gen = torch.Generator().manual_seed(seed)
+    chosen = [torch.nonzero(labels == c).squeeze(1) for c in range(len(counts))]
+    indices = torch.cat([idx[torch.randperm(len(idx), generator=gen)[:shots]] for idx in chosen]).sort().values
+    if isinstance(data.train, TensorDataset):  # stays in memory: the trainer indexes it directly
+        return replace(data, train=TensorDataset(*(t[indices] for t in data.train.tensors)))
+    return replace(data, train=Subset(data.train, indices.tolist()))

@@ -6,8 +6,8 @@
 `World.from_env()` reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK and joins the process group (NCCL on
 CUDA, gloo on the CPU); without them it is the one-process world and every collective below is a no-op.
 Each rank trains on its shard of every global batch; DistributedDataParallel averages the encoder's
-gradients, `average_gradients` a method's own (LORE's dual network), so every rank holds the same
-weights; telemetry is reduced over ranks; only rank 0 writes the run directory.
+gradients, `average_gradients` the others (LORE's dual network, text-tower adapters), so every rank holds
+the same weights; telemetry is reduced over ranks; only rank 0 writes the run directory.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
@@ -83,11 +83,11 @@ class World:
         dist.all_gather(parts, values.contiguous())
         return torch.cat(parts)
 
-    def average_gradients(self, module: nn.Module) -> None:
-        """Average the gradients of a module that is not wrapped in DistributedDataParallel."""
+    def average_gradients(self, params: nn.Module | Iterable[torch.Tensor]) -> None:
+        """Average the gradients of a module (or parameters) that DistributedDataParallel does not wrap."""
         if self.size == 1:
             return
-        for p in module.parameters():
+        for p in params.parameters() if isinstance(params, nn.Module) else params:
             if p.grad is not None:
                 dist.all_reduce(p.grad)
                 p.grad /= self.size

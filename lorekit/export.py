@@ -1,7 +1,8 @@
 """Export a finished run as an open_clip model: a Hugging Face Hub–style folder any open_clip user can load.
 
-    DIR/open_clip_model.safetensors   the FULL CLIP state dict: the run's fine-tuned image tower, the base
-    DIR/open_clip_pytorch_model.bin   weights' text tower and logit scale (the same tensors, two formats)
+    DIR/open_clip_model.safetensors   the FULL CLIP state dict: the run's fine-tuned image tower, the text tower
+    DIR/open_clip_pytorch_model.bin   (the run's when it trained one, else the base weights') and the base
+                                      weights' logit scale (the same tensors, two formats)
     DIR/open_clip_config.json         {"model_cfg": ..., "preprocess_cfg": ...}, as open_clip's push_to_hf_hub writes it
     DIR/README.md                     model card: method, recipe, ε, ρ, base weights, final metrics, compute ledger
     DIR/lorekit_export.json           the run's config.json and summary.json, and where they came from
@@ -147,14 +148,17 @@ def _write_card(folder: Path, title: str, tuned: LoadedCLIP, cfg: TrainConfig, s
     final = ({k: _fmt(v) for k, v in summary["final"].items() if k not in ("kind", "step")}
              or "none (the run had no evaluation set)")
     weight_file = HF_SAFE_WEIGHTS_NAME if (folder / HF_SAFE_WEIGHTS_NAME).is_file() else HF_WEIGHTS_NAME
+    text = ("The text tower was fine-tuned too (its LoRA adapters are folded in); the logit scale is the base "
+            "weights'." if cfg.trains_text_tower else
+            "The text tower and logit scale are the base weights', unchanged, so zero-shot heads built from them "
+            "still apply.")
     card = {
         "tags": ("clip", "open_clip", "adversarial-robustness", "lorekit", cfg.method),
         "license": "other",
         "description": (
             f"The image tower of `{tuned.name}` ({cfg.pretrained or 'weights of the hub model'}) fine-tuned by "
             f"lorekit with {label(cfg.method)} for adversarial robustness: ℓ{'∞' if cfg.norm == 'linf' else '2'} "
-            f"ε = {eps:g}/255, {summary['steps']} batches of {cfg.batch_size} from `{cfg.dataset}`. The text tower "
-            "and logit scale are the base weights', unchanged, so zero-shot heads built from them still apply. "
+            f"ε = {eps:g}/255, {summary['steps']} batches of {cfg.batch_size} from `{cfg.dataset}`. {text} "
             "License: that of the base weights."),
         "details": {
             "Method": f"{label(cfg.method)}, K = {cfg.updates_per_batch} encoder updates per adversarial batch",

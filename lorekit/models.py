@@ -72,6 +72,17 @@ def parameter_counts(module: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """`module` in eval mode (dropout off) for the duration; its previous mode is restored afterwards."""
+    training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(training)
+
+
 def frozen_copy(module: nn.Module) -> nn.Module:
     """φθ0: an independent, frozen, eval-mode copy of the encoder."""
     ref = copy.deepcopy(module).eval()
@@ -285,17 +296,36 @@ def check_finite(state: dict[str, torch.Tensor], path: str | Path) -> None:
                           "meaningful to evaluate or export")
 
 
+def differentiable_class_embeddings(model: nn.Module, tokenizer: Any, classnames: Sequence[str],
+                                    templates: Sequence[str], device: torch.device | str | None = None, *,
+                                    max_prompts: int = 1024) -> torch.Tensor:
+    """[C, D] zero-shot weights: per class, the mean of normalised template embeddings, renormalised.
+
+    Carries gradient to the text tower, for methods that train it (AdvCLIP-LoRA); `class_embeddings` is
+    the same computation without gradient. The text tower sees whole classes, at most `max_prompts`
+    prompts per call.
+    """
+    device = device or next(model.parameters()).device
+    per_call = max(1, max_prompts // len(templates))
+    out = []
+    for start in range(0, len(classnames), per_call):
+        names = classnames[start:start + per_call]
+        tokens = tokenizer([t.format(c=name) for name in names for t in templates]).to(device)
+        emb = F.normalize(model.encode_text(tokens).float(), dim=-1).view(len(names), len(templates), -1).mean(1)
+        out.append(F.normalize(emb, dim=-1))
+    return torch.cat(out)
+
+
 @torch.no_grad()
 def class_embeddings(model: nn.Module, tokenizer: Any, classnames: Sequence[str], templates: Sequence[str],
                      device: torch.device | str | None = None) -> torch.Tensor:
-    """[C, D] zero-shot weights: per class, the mean of normalised template embeddings, renormalised."""
-    device = device or next(model.parameters()).device
-    out = []
-    for name in classnames:
-        tokens = tokenizer([t.format(c=name) for t in templates]).to(device)
-        emb = F.normalize(model.encode_text(tokens).float(), dim=-1).mean(0)
-        out.append(F.normalize(emb, dim=-1))
-    return torch.stack(out)
+    """`differentiable_class_embeddings` without gradient: a fixed zero-shot head."""
+    return differentiable_class_embeddings(model, tokenizer, classnames, templates, device)
+
+
+def zero_shot_logits(image_embeddings: torch.Tensor, class_weights: torch.Tensor, scale: float = 100.0) -> torch.Tensor:
+    """scale · cos(φ(x), w_c) for raw image embeddings and unit-norm class weights [C, D]."""
+    return scale * F.normalize(image_embeddings.float(), dim=-1) @ class_weights.T
 
 
 class ZeroShotClassifier(nn.Module):
@@ -308,4 +338,4 @@ class ZeroShotClassifier(nn.Module):
         self.scale = scale
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.scale * F.normalize(self.encoder(images).float(), dim=-1) @ self.weights.T
+        return zero_shot_logits(self.encoder(images), self.weights, self.scale)

@@ -381,6 +381,58 @@ def eps_grid(grids: Mapping[str, np.ndarray], train_eps: Sequence[float], eval_e
     return _layout(fig, "Training ε × evaluation ε: robust accuracy", 380)
 
 
+# --------------------------------------------------------------------------- few-shot runs
+def _dash(row: Mapping[str, Any]) -> str:
+    """LoRA runs solid, full fine-tuning dashed: a method's two ways of training share its colour."""
+    return "solid" if row.get("adapter") == "lora" else "dash"
+
+
+def accuracy_vs_shots(rows: Sequence[Mapping[str, Any]], panels: Mapping[str, str], *,
+                      original: Mapping[str, float] | None = None, title: str = "Accuracy against shots") -> go.Figure:
+    """One panel per metric (`panels`: result key -> title, e.g. clean, PGD, FGSM accuracy) against the shots per
+    class, one line per run label (rows: 'label', 'method', 'adapter', 'shots' and the keys); the original
+    encoder's value, when given, as a dotted line."""
+    keys = list(panels)
+    fig = make_subplots(rows=1, cols=len(keys), subplot_titles=[panels[k] for k in keys], horizontal_spacing=0.06)
+    shots = sorted({r["shots"] for r in rows})
+    for name in dict.fromkeys(r["label"] for r in rows):
+        pts = sorted((r for r in rows if r["label"] == name), key=lambda r: r["shots"])
+        for col, key in enumerate(keys, 1):
+            fig.add_scatter(x=[r["shots"] for r in pts], y=[r[key] for r in pts], mode="lines+markers", name=name,
+                            legendgroup=name, showlegend=col == 1,
+                            line=dict(color=method_color(pts[0]["method"]), dash=_dash(pts[0])), row=1, col=col)
+    if original is not None:
+        for col, key in enumerate(keys, 1):
+            fig.add_scatter(x=[shots[0], shots[-1]], y=[original[key]] * 2, mode="lines", name="original",
+                            legendgroup=ORIGINAL, showlegend=col == 1,
+                            line=dict(color=method_color(ORIGINAL), dash="dot"), row=1, col=col)
+    fig.update_xaxes(title="shots per class", type="log", tickvals=shots, ticktext=[str(n) for n in shots])
+    fig.update_yaxes(range=[0, 1.02])
+    fig.update_yaxes(title="zero-shot accuracy", col=1)
+    return _layout(fig, title, 420, side_legend=True)
+
+
+def cost_per_run(rows: Sequence[Mapping[str, Any]]) -> go.Figure:
+    """Trainable parameters (log scale) and peak memory of each run label; memory as one bar per number of
+    shots (rows: 'label', 'method', 'adapter', 'shots', 'trainable', 'peak_memory_mib')."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("trainable parameters", "peak memory during the run (MiB)"),
+                        horizontal_spacing=0.12)
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    first = {name: next(r for r in rows if r["label"] == name) for name in labels}
+    fig.add_bar(x=labels, y=[first[n]["trainable"] for n in labels], showlegend=False, row=1, col=1,
+                marker=dict(color=[method_color(first[n]["method"]) for n in labels],
+                            pattern=dict(shape=["" if first[n].get("adapter") == "lora" else "/" for n in labels])),
+                text=[f"{first[n]['trainable']:,}" for n in labels], textposition="outside")
+    for i, shots in enumerate(sorted({r["shots"] for r in rows})):
+        pts = {r["label"]: r for r in rows if r["shots"] == shots}
+        fig.add_bar(x=[n for n in labels if n in pts], y=[pts[n]["peak_memory_mib"] for n in labels if n in pts],
+                    name=f"{shots} shot{'s' if shots > 1 else ''}", row=1, col=2,
+                    marker=dict(color=CLASS_COLORS[i % len(CLASS_COLORS)]))
+    fig.update_yaxes(type="log", row=1, col=1)
+    fig.update_layout(barmode="group")
+    return _layout(fig, "What each run trains and holds (LoRA solid, full fine-tuning hatched)", 440, side_legend=True)
+
+
 # --------------------------------------------------------------------------- embeddings
 def umap_grid(coords: Mapping[str, Mapping[str, np.ndarray]], labels: Sequence[int], classnames: Sequence[str], *,
               image_uris: Sequence[str] | None = None,

@@ -24,6 +24,7 @@ from contextlib import nullcontext
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
@@ -84,6 +85,11 @@ class Trainer:
     periodic accuracy evaluation; without it the periodic evaluation reports embedding metrics only.
     `world` is the data-parallel world (lorekit.distributed.World.from_env under torchrun). `clip`,
     `classnames` and `templates` reach methods that need the text tower (lorekit.methods.base.Context).
+
+    What trains is the encoder, or with `adapters` every adapter of the adapted model (those on the text tower
+    too, when the config put some there): the optimizer, the train/eval switches, the finiteness check and the
+    parameter counts all cover `self.trainable`. When the config trains the text tower, the zero-shot head
+    of the periodic evaluation is rebuilt from it at every evaluation.
     """
 
     def __init__(self, cfg: TrainConfig, encoder: nn.Module, train_set: Dataset, *,
@@ -99,7 +105,9 @@ class Trainer:
         if method.needs_head and class_embeddings is None:
             raise ConfigError(f"method={cfg.method!r} needs class embeddings (a zero-shot head) for its loss")
         if len(train_set) < cfg.batch_size:
-            raise ConfigError(f"batch_size={cfg.batch_size}: larger than the training set ({len(train_set)} images)")
+            few = f", the {cfg.shots}-shot subset" if cfg.shots else ""
+            raise ConfigError(f"batch_size={cfg.batch_size}: larger than the training set ({len(train_set)} images{few}); "
+                              f"use batch_size <= {len(train_set)}")
         if cfg.batch_size % self.world.size:
             raise ConfigError(f"batch_size={cfg.batch_size}: the global batch must split evenly over the "
                               f"{self.world.size} processes (a multiple of {self.world.size})")
@@ -110,6 +118,8 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
         torch.manual_seed(cfg.seed)
         self.encoder = encoder.to(self.device)
+        self.trainable = adapters.model if adapters is not None else self.encoder  # holds every trained parameter
+        self.clip, self.classnames, self.templates = clip, classnames, templates
         self.reference = (reference if reference is not None else frozen_copy(encoder)).to(self.device).eval()
         tower = getattr(self.encoder, "visual", self.encoder)  # the open_clip tower inside an ImageEncoder
         if cfg.grad_checkpointing:
@@ -126,7 +136,10 @@ class Trainer:
         self.classifier = (ZeroShotClassifier(self.encoder, self.class_embeddings)
                            if self.class_embeddings is not None else None)
 
-        self.params = [p for p in self.encoder.parameters() if p.requires_grad]
+        self.params = [p for p in self.trainable.parameters() if p.requires_grad]
+        in_encoder = {id(p) for p in self.encoder.parameters()}
+        # DistributedDataParallel averages the encoder's gradients; these (text-tower adapters) are averaged by hand
+        self.params_outside_encoder = [p for p in self.params if id(p) not in in_encoder]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         updates = cfg.steps * cfg.updates_per_batch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
@@ -163,16 +176,17 @@ class Trainer:
         first = self.world.rank * len(x)  # this shard's place in the global batch
         start = seeded_random_start(x, cfg.eps, cfg.norm,
                                     [noise_seed(cfg.seed, self.step, first + i) for i in range(len(x))])
-        self.encoder.eval()
+        self.trainable.eval()
         with self.autocast():
             x_adv = pgd(loss_fn, x, cfg.eps, steps=cfg.attack_steps, step_size=cfg.step_size, norm=cfg.norm,
                         start=start)
-        self.encoder.train()
+        self.trainable.train()
         return x_adv
 
     def _primal_step(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.world.average_gradients(self.params_outside_encoder)
         norm = torch.nn.utils.clip_grad_norm_(self.params, float("inf"))  # only measured: inf clips nothing
         self._grad_norm = norm if self._grad_norm is None else torch.maximum(self._grad_norm, norm)
         self.optimizer.step()
@@ -219,16 +233,19 @@ class Trainer:
         its batches (the final evaluation; the periodic ones run inside the training's progress)."""
         if self.eval_images is None:
             return {}
-        self.encoder.eval()
+        self.trainable.eval()
         out: Record = embedding_metrics(self.encoder, self.reference, self.eval_images, self.cfg.rho)
         if self.classifier is not None:
+            if self.cfg.trains_text_tower and self.clip is not None:  # the head follows the text tower as it trains
+                weights = self.clip.class_embeddings(self.classnames, self.templates, self.device)
+                self.classifier.weights.copy_(F.normalize(weights.float(), dim=-1))
             with self.autocast(), Progress(2 * batch_count(len(self.eval_images)), f"{self.cfg.method} evaluation",
                                            unit="batch", enabled=progress) as bar:
                 out["clean_acc"] = clean_accuracy(self.classifier, self.eval_images, self.eval_labels, progress=bar)
                 out["robust_acc"] = pgd_accuracy(self.classifier, self.eval_images, self.eval_labels, self.cfg.eps,
                                                  steps=self.cfg.attack_steps, norm=self.cfg.norm, seed=self.cfg.seed,
                                                  progress=bar)
-        self.encoder.train()
+        self.trainable.train()
         return out
 
     # ------------------------------------------------------------------ checkpoints
@@ -262,7 +279,7 @@ class Trainer:
 
     def _check_finite_weights(self) -> None:
         """No non-finite weights are ever saved: a parameter that overflowed stops the run instead."""
-        bad = [n for n, p in self.encoder.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        bad = [n for n, p in self.trainable.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
         if bad:
             raise Diverged(self.step, f"parameter {bad[0]}", float("nan"), self._last_checkpoint())
 
@@ -309,6 +326,7 @@ class Trainer:
         elif main:
             rundir.start(cfg)
         start_time = time.perf_counter()
+        reset_peak_memory()
         tracker = Tracker(cfg, run) if main else None
         bar = Progress(cfg.steps, cfg.method, initial=self.step, enabled=progress and main)
         flag = StopFlag()
@@ -370,7 +388,7 @@ class Trainer:
             callback(final)
         weights = rundir.ADAPTER if self.adapters is not None else rundir.ENCODER
         rundir.atomic_write(run / weights, lambda p: torch.save(self._weights(), p))
-        trainable, total = parameter_counts(self.encoder)
+        trainable, total = parameter_counts(self.trainable)
         summary = {"final": final, "parameters": {"trainable": trainable, "total": total},
                    "peak_memory_mib": peak_memory_mib(), "base_weights": self.base_weights,
                    "wall_time_s": time.perf_counter() - start_time}
@@ -382,8 +400,20 @@ class Trainer:
         return summary
 
 
+def reset_peak_memory() -> None:
+    """Start measuring the peak anew, so a run reports its own (several runs share a notebook's process):
+    the CUDA allocator's peak, and on Linux the resident set's high-water mark (/proc/self/clear_refs)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux: the resident-set peak stays the process's
+        pass
+
+
 def peak_memory_mib() -> float:
-    """Peak memory of this process so far: the CUDA allocator's on a GPU, else the resident set (MiB)."""
+    """Peak memory since `reset_peak_memory`: the CUDA allocator's on a GPU, else the resident set (MiB)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**20
     import resource
@@ -405,6 +435,7 @@ def build(cfg: TrainConfig, world: World | None = None) -> Trainer:
     if cfg.adapter == "lora":
         from .adapters import AdaptersOff, add_lora
 
+        torch.manual_seed(cfg.seed)  # the adapters' random initialisation belongs to the run, like everything else
         adapters = add_lora(bench.clip.model, **cfg.lora)
         reference = AdaptersOff(bench.clip.encoder, adapters)
     else:

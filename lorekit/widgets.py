@@ -92,7 +92,8 @@ def constraint_level(cfg: TrainConfig) -> float | None:
 
 
 class TrainingPanel(W.VBox):
-    """Controls for method, ρ, λ, ε, K and steps over a named recipe; Run trains with them and plots live."""
+    """Controls for method (those the recipe suits), ρ, λ, ε, K and steps over a named recipe; Run trains with them
+    and plots live."""
 
     def __init__(self, recipe: str, out_dir: str | Path, *, overrides: dict[str, Any] | None = None,
                  reuse: bool = False, interval_s: float = 0.5) -> None:
@@ -100,8 +101,8 @@ class TrainingPanel(W.VBox):
         self.out_dir, self.reuse, self.interval_s = Path(out_dir), reuse, interval_s
         base = self._config()
         style = {"description_width": "90px"}
-        self.method = W.Dropdown(options=[(m.label, name) for name, m in METHODS.items()], value=base.method,
-                                 description="method", style=style)
+        self.method = W.Dropdown(options=[(m.label, name) for name, m in METHODS.items() if self._suits(name)],
+                                 value=base.method, description="method", style=style)
         self.rho = W.SelectionSlider(options=_log_steps(base.rho, -3, 0), value=base.rho, description="ρ",
                                      style=style)
         self.lam = W.SelectionSlider(options=_log_steps(base.lam, -2, 2), value=base.lam, description="λ",
@@ -125,6 +126,14 @@ class TrainingPanel(W.VBox):
     def _config(self, method: str | None = None, **knobs: Any) -> TrainConfig:
         given = {k: v for k, v in self.overrides.items() if k != "method"}
         return make_recipe(self.recipe, method or self.overrides.get("method"), **{**given, **knobs})
+
+    def _suits(self, method: str) -> bool:
+        """Whether the recipe (with the overrides) is a config `method` can train (AdvCLIP-LoRA needs adapters)."""
+        try:
+            self._config(method)
+        except ConfigError:
+            return False
+        return True
 
     def _method_changed(self) -> None:
         self.primal_steps.value = self._config(self.method.value).updates_per_batch  # the recipe's K for it

@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from .config import ConfigError, TrainConfig, resolve_device
-from .data import DataBundle, check_dataset, fixed_subset, load_dataset, stack
+from .data import DataBundle, check_dataset, few_shot, fixed_subset, load_dataset, stack
 from .evaluate import evaluate_encoder
 from .models import LoadedCLIP, ZeroShotClassifier, frozen_copy, load_clip, load_encoder_weights, weights_id
-from .rundir import ADAPTER, ENCODER, SUMMARY, read_json, tuned_model
+from .rundir import ADAPTER, ENCODER, SUMMARY, read_config, read_json, tuned_model
 
 
 @dataclass
@@ -49,15 +49,33 @@ class Workbench:
 
     def encoder_of(self, run_dir: str | Path) -> nn.Module:
         """The fine-tuned image encoder of a finished run that started from this workbench's weights."""
+        run = self._finished(run_dir)
+        if not (run / ADAPTER).is_file():
+            return self.load_encoder(run / ENCODER)
+        return frozen_copy(tuned_model(run, self.clip).encoder)
+
+    def head_of(self, run_dir: str | Path) -> tuple[nn.Module, torch.Tensor]:
+        """(image encoder, class embeddings) a finished run classifies with: the class embeddings come from the
+        run's own text tower when it trained one (AdvCLIP-LoRA), else they are this workbench's."""
+        run = self._finished(run_dir)
+        if not read_config(run).trains_text_tower:
+            return self.encoder_of(run), self.class_embeddings
+        tuned = tuned_model(run, self.clip)
+        return (frozen_copy(tuned.encoder),
+                tuned.class_embeddings(self.data.classnames, self.data.templates, self.device))
+
+    def classifier_of(self, run_dir: str | Path) -> ZeroShotClassifier:
+        """The zero-shot classifier of a finished run (see `head_of`)."""
+        return ZeroShotClassifier(*self.head_of(run_dir)).eval()
+
+    def _finished(self, run_dir: str | Path) -> Path:
         run = Path(run_dir)
         if not (run / SUMMARY).is_file():
             raise ConfigError(f"run={str(run)!r}: not a finished run (no {SUMMARY})")
         saved = read_json(run / SUMMARY).get("base_weights")
         if saved != self.base_weights:
             raise ConfigError(f"run={str(run)!r} was fine-tuned from {saved}, not from {self.base_weights}")
-        if not (run / ADAPTER).is_file():
-            return self.load_encoder(run / ENCODER)
-        return frozen_copy(tuned_model(run, self.clip).encoder)
+        return run
 
     def load_encoder(self, path: str | Path) -> nn.Module:
         """A copy of the original image encoder with the weights of `path` (a run's encoder.pt)."""
@@ -66,24 +84,39 @@ class Workbench:
         return encoder.eval()
 
     def evaluate(self, encoder: nn.Module, eps: Sequence[float], *, steps: int, rho: float | None = None,
-                 seed: int | None = None, progress: bool = False, desc: str = "evaluation") -> dict[str, float]:
-        """Clean accuracy, PGD robust accuracy at each ε, cosine and fidelity to the original, on the subset;
-        `progress` reports it under `desc`."""
-        return evaluate_encoder(encoder, self.original, self.class_embeddings, self.images, self.labels, eps,
-                                rho=rho, steps=steps, norm=self.cfg.norm,
-                                seed=self.cfg.seed if seed is None else seed, progress=progress, desc=desc)
+                 seed: int | None = None, attacks: Sequence[str] = ("pgd",),
+                 class_embeddings: torch.Tensor | None = None, progress: bool = False,
+                 desc: str = "evaluation") -> dict[str, float]:
+        """Clean accuracy, robust accuracy under each attack ('pgd', 'fgsm', 'apgd'; `steps` iterations) at each
+        ε, cosine and fidelity to the original, on the subset; over this workbench's class embeddings unless
+        others are given; `progress` reports it under `desc`."""
+        weights = self.class_embeddings if class_embeddings is None else class_embeddings
+        return evaluate_encoder(encoder, self.original, weights, self.images, self.labels, eps, rho=rho, steps=steps,
+                                norm=self.cfg.norm, seed=self.cfg.seed if seed is None else seed, attacks=attacks,
+                                progress=progress, desc=desc)
+
+    def evaluate_run(self, run_dir: str | Path, eps: Sequence[float], *, steps: int, rho: float | None = None,
+                     seed: int | None = None, attacks: Sequence[str] = ("pgd",), progress: bool = False,
+                     desc: str = "evaluation") -> dict[str, float]:
+        """`evaluate` of a finished run with the head it classifies with (its own text tower's, see `head_of`)."""
+        encoder, weights = self.head_of(run_dir)
+        return self.evaluate(encoder, eps, steps=steps, rho=rho, seed=seed, attacks=attacks, class_embeddings=weights,
+                             progress=progress, desc=desc)
 
 
 def setup(cfg: TrainConfig, *, subset_seed: int = 0) -> Workbench:
     """Load what `cfg` names (model, data set, evaluation subset); every error before any work.
 
-    The evaluation subset is `cfg.eval_samples` test images drawn with `subset_seed`, not cfg.seed.
+    The evaluation subset is `cfg.eval_samples` test images drawn with `subset_seed`, not cfg.seed. With
+    cfg.shots the training split is cut to that many images per class, drawn with cfg.seed (data.few_shot).
     """
     cfg.validate()
     device = resolve_device(cfg.device)
     check_dataset(cfg.dataset)
     clip = load_clip(cfg.model, cfg.pretrained, cache_dir=cfg.cache_dir, device=device)
     data = load_dataset(cfg.dataset, root=cfg.data_path, image_size=clip.encoder.image_size[0])
+    if cfg.shots:
+        data = few_shot(data, cfg.shots, cfg.seed)
     indices = fixed_subset(len(data.test), cfg.eval_samples, subset_seed)
     images, labels = stack(data.test, indices)
     return Workbench(cfg, device, clip, data, indices, images.to(device), labels.to(device),

@@ -156,6 +156,23 @@ def test_robust_vs_eps_and_eps_grid():
     assert list(heat.data[0].x) == ["1", "4"] and list(heat.data[0].y) == ["2", "8"]
 
 
+def test_accuracy_vs_shots_and_cost_per_run():
+    rows = [{"label": f"{m} {a}", "method": m, "adapter": a, "shots": n, "clean_acc": 0.9 - 0.01 * n,
+             "fgsm_acc@4": 0.1 * n, "trainable": 100 if a == "lora" else 10_000, "peak_memory_mib": 500.0 + n}
+            for n in (16, 1) for m, a in (("advclip-lora", "lora"), ("lore", "none"))]
+    panels = {"clean_acc": "clean", "fgsm_acc@4": "FGSM"}
+    fig = plots.accuracy_vs_shots(rows, panels, original={"clean_acc": 0.99, "fgsm_acc@4": 0.05})
+    assert len(fig.data) == 2 * 2 + 2  # a line per label and panel, the original per panel
+    advclip = [t for t in fig.data if t.name == "advclip-lora lora"]
+    assert list(advclip[0].x) == [1, 16] and list(advclip[1].y) == [0.1, 1.6]  # sorted by shots, per panel
+    assert advclip[0].line.color == plots.METHOD_COLORS["advclip-lora"] and advclip[0].line.dash == "solid"
+    assert _trace(fig, "lore none").line.dash == "dash"  # full fine-tuning dashed
+    assert list(_trace(fig, "original").y) == [0.99, 0.99]
+    cost = plots.cost_per_run(rows)
+    assert list(cost.data[0].y) == [100, 10_000]  # trainable parameters per label
+    assert [t.name for t in cost.data[1:]] == ["1 shot", "16 shots"] and list(cost.data[2].y) == [516.0, 516.0]
+
+
 def test_umap_grid_customdata_points_at_stored_images():
     labels = [0, 1, 0, 1]
     coords = {enc: {"clean": np.arange(8.0).reshape(4, 2), "adversarial": -np.arange(8.0).reshape(4, 2)}

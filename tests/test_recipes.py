@@ -10,14 +10,19 @@ from lorekit import recipes
 from lorekit.config import ConfigError
 
 
-def test_every_recipe_is_a_valid_config_for_every_method():
+def test_every_recipe_is_a_valid_config_for_every_method_it_suits():
     from lorekit.methods import METHODS
 
-    assert {"demo", "tiny", "rho-front", "bench-fare4", "bench-step", "paper"} <= set(recipes.names())
+    assert {"demo", "tiny", "rho-front", "bench-fare4", "bench-step", "paper", "advclip-lora",
+            "tiny-adversarial-lora"} <= set(recipes.names())
     for name, description in recipes.names().items():
         assert description, name
         for method in METHODS:
-            cfg = recipes.recipe(name, method)
+            try:
+                cfg = recipes.recipe(name, method)
+            except ConfigError as e:  # only a method's own requirement (AdvCLIP-LoRA's adapters) refuses a recipe
+                assert str(e).startswith(f"method={method!r}") and name not in ("advclip-lora", "tiny-adversarial-lora")
+                continue
             assert cfg.method == method
 
 

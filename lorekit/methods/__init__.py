@@ -6,13 +6,14 @@ Adding a method: a module with a `Method` subclass (see `base`), and one line in
 from __future__ import annotations
 
 from ..config import ConfigError
+from .advclip_lora import AdvCLIPLoRA
 from .base import Batch, Context, Method, Update
 from .fare import FARE
 from .fare_reg import FAREReg
 from .lore import LORE
 from .tecoa import TeCoA
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (FARE, FAREReg, LORE, TeCoA)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (FARE, FAREReg, LORE, TeCoA, AdvCLIPLoRA)}
 
 
 def get(name: str) -> type[Method]:

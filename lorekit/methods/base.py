@@ -4,7 +4,8 @@ Per batch the loop computes the reference embeddings φθ0(x) and hands the meth
 says what its attack maximises (`attack_loss`; `adversarial` turns that into the adversarial batch,
 PGD by default), then `update` makes its encoder updates through `ctx.primal_step` and returns what it
 optimised as an `Update`. A method's own state (LORE's dual network) goes into checkpoints through
-`state_dict` / `load_state_dict`. `label` and `knob` name it in tables, plots and run names.
+`state_dict` / `load_state_dict`. `label` and `knob` name it in tables, plots and run names;
+`check_config` refuses settings the method cannot train with.
 """
 
 from __future__ import annotations
@@ -81,6 +82,11 @@ class Method:
     primal_steps: ClassVar[int] = 1  # K, encoder updates per adversarial batch, when the config leaves it 0
     needs_head: ClassVar[bool] = False  # needs class embeddings (a zero-shot head) to train
     clean_in_update: ClassVar[bool] = False  # each update also forwards the clean images (LORE, FARE-reg)
+
+    @classmethod
+    def check_config(cls, cfg: "TrainConfig") -> None:
+        """Refuse, with a ConfigError naming the field, a config this method cannot train (TrainConfig.validate
+        calls it, so the refusal comes before any work). Every setting is fine by default."""
 
     @classmethod
     def passes_per_step(cls, cfg: "TrainConfig") -> int:
