@@ -99,7 +99,7 @@ def _check_destination(dest: Path, overwrite: bool) -> None:
 
 
 def _finished_run(run: Path) -> tuple[TrainConfig, dict[str, Any]]:
-    cfg = rundir.read_config(run)
+    cfg = rundir.read_config(run, device="cpu")  # exported on the CPU, wherever it trained
     if not rundir.is_finished(run):
         raise ConfigError(f"run={str(run)!r}: not finished (no {rundir.SUMMARY}); finish it first "
                           "(python -m lorekit train --resume ...)")

@@ -309,7 +309,7 @@ def tuned_model(run_dir: str | Path, base: Any) -> Any:
 
         state = _load_tensors(run / ADAPTER)
         check_finite(state, run / ADAPTER)
-        model = merged_copy(base.model, read_config(run).lora, state)
+        model = merged_copy(base.model, read_config(run, device="cpu").lora, state)  # any device: only .lora is read
         encoder = ImageEncoder(model.visual, base.encoder.image_size, base.encoder.mean.flatten().tolist(),
                                base.encoder.std.flatten().tolist()).to(base.encoder.mean.device)
         return LoadedCLIP(model, base.tokenizer, base.name, base.pretrained, encoder)

@@ -58,7 +58,7 @@ class Workbench:
         """(image encoder, class embeddings) a finished run classifies with: the class embeddings come from the
         run's own text tower when it trained one (AdvCLIP-LoRA), else they are this workbench's."""
         run = self._finished(run_dir)
-        if not read_config(run).trains_text_tower:
+        if not read_config(run, device=self.cfg.device).trains_text_tower:  # a GPU run read back on a CPU
             return self.encoder_of(run), self.class_embeddings
         tuned = tuned_model(run, self.clip)
         return (frozen_copy(tuned.encoder),
