@@ -150,7 +150,8 @@ class Trainer:
         self.trained = self.world.wrap(self.encoder)
         trained_head = ZeroShotClassifier(self.trained, self.class_embeddings) if self.classifier is not None else None
         ctx = Context(cfg, self.encoder, self.trained, self.classifier, trained_head, embed_dim, self.device,
-                      self.autocast, self._primal_step, self.world.average_gradients, clip, classnames, templates)
+                      self.autocast, self._primal_step, self.world.average_gradients, clip, classnames, templates,
+                      self.reference)
         self.method = method(cfg, ctx)
         self.step = 0
         self._grad_norm: torch.Tensor | None = None  # the largest gradient norm of the step's updates
@@ -245,6 +246,7 @@ class Trainer:
                 out["robust_acc"] = pgd_accuracy(self.classifier, self.eval_images, self.eval_labels, self.cfg.eps,
                                                  steps=self.cfg.attack_steps, norm=self.cfg.norm, seed=self.cfg.seed,
                                                  progress=bar)
+                out.update(self.method.evaluate(self.classifier, self.eval_images, self.eval_labels))
         self.trainable.train()
         return out
 

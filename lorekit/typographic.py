@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import ConfigError
+from .config import TYPO_STYLES, ConfigError
 from .render import PALETTE, TextStyle, draw_text, random_styles, text_masks
 
 PAPER_MIN_SIZE = 96  # images at least this tall get the 'paper' style under style='auto'
@@ -50,7 +50,7 @@ STYLES: dict[str, TypoStyle] = {
     "paper": TypoStyle(sizes=(0.09, 0.18), label=False),
     "label": TypoStyle(sizes=(0.5, 0.69), label=True),
 }
-STYLE_NAMES = ("auto", *STYLES)
+STYLE_NAMES = TYPO_STYLES  # 'auto' and the STYLES
 
 
 def style_for(name: str, height: int) -> TypoStyle:

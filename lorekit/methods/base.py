@@ -63,6 +63,8 @@ class Context:
     clip: Any = None  # the whole models.LoadedCLIP (text tower, tokenizer) when the trainer was built from one
     classnames: Sequence[str] = ()  # the training data's class names and prompt templates, for methods that
     templates: Sequence[str] = ()  # recompute class embeddings through a text tower that trains
+    reference: nn.Module | None = None  # φθ0, the loop's frozen reference (a frozen copy, or the adapted model
+    # with its adapters off): for methods that need more of it than φθ0(x), which the loop hands over in Batch.ref
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """φθ(images) through the trained module, as float32."""
@@ -110,6 +112,11 @@ class Method:
 
     def update(self, batch: Batch) -> Update:
         raise NotImplementedError
+
+    def evaluate(self, classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """Metrics of the method's own threat that the loop's held-out evaluation adds to clean and PGD
+        accuracy (typo-po: accuracy on typographic images); `classifier` is the zero-shot head on φθ."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {}
