@@ -175,3 +175,13 @@ def test_a_typo_po_run_on_the_embedded_default_trains_the_image_tower_only(tmp_p
     assert all(torch.equal(text[n], p) for n, p in seen["text"].items())  # the text tower did not
     assert summary["ledger"]["training_passes"] == 3 * get("typo-po").passes_per_step(cfg)
     assert summary["ledger"]["passes_bwd_attack"] == 0  # no PGD: the attack is rendered
+
+
+def test_the_cli_reports_typographic_accuracy(capsys):
+    from lorekit.__main__ import main
+
+    assert main(["eval", "--attack", "typographic", "--samples", "24", "--device", "cpu", "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"clean_acc", "typo_acc", "typo_written"} <= set(out) and not any(k.startswith("robust_acc") for k in out)
+    assert main(["eval", "--attack", "typo", "--samples", "24", "--quiet"]) == 2
+    assert "choose one or more of pgd, fgsm, apgd, typographic" in capsys.readouterr().err
