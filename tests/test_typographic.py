@@ -185,3 +185,19 @@ def test_the_cli_reports_typographic_accuracy(capsys):
     assert {"clean_acc", "typo_acc", "typo_written"} <= set(out) and not any(k.startswith("robust_acc") for k in out)
     assert main(["eval", "--attack", "typo", "--samples", "24", "--quiet"]) == 2
     assert "choose one or more of pgd, fgsm, apgd, typographic" in capsys.readouterr().err
+
+
+def test_the_notebooks_figures_draw_their_inputs():
+    from lorekit import plots
+
+    x, y = _images(3, 32), torch.tensor([0, 1, 2])
+    x_t, written = typographic_images(x, y, NAMES, seed=0)
+    fig = plots.typographic_examples(x, x_t, y, written, {"original": written, "DPO": y}, NAMES)
+    assert [t.type for t in fig.data] == ["image"] * 6
+    assert f"writes '{NAMES[int(written[0])]}'<br>original: {NAMES[int(written[0])]}<br>DPO: zero" in [
+        a.text for a in fig.layout.annotations]
+    rows = [{"label": "original", "method": "original", "clean_acc": 0.9, "typo_acc": 0.2, "typo_written": 0.3}]
+    assert [list(t.y) for t in plots.typographic_bars(rows).data] == [[0.9], [0.2], [0.3]]
+    records = [{"kind": "train", "step": s, "loss_pref": 0.7, "loss_kl": 0.0, "margin_mean": s} for s in (1, 2)]
+    fig = plots.preference_curves({"DPO": records + [{"kind": "eval", "step": 2, "typo_acc": 0.4}]})
+    assert len(fig.data) == 4 and list(fig.data[3].y) == [0.4] and fig.layout.yaxis.type == "log"
