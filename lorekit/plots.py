@@ -434,10 +434,19 @@ def cost_per_run(rows: Sequence[Mapping[str, Any]]) -> go.Figure:
 
 
 # --------------------------------------------------------------------------- typographic attacks
-def _rgb(image: Any) -> np.ndarray:
-    """[3, H, W] in [0,1] (tensor or array) -> [H, W, 3] uint8 for go.Image."""
+def _png_uri(image: Any) -> str:
+    """[3, H, W] in [0,1] (tensor or array) as a colour PNG data URI: a few hundred bytes for a 32-px digit, where
+    go.Image's `z` would store every pixel as JSON numbers in the notebook."""
+    import base64
+    import io
+
+    from PIL import Image
+
     arr = np.asarray(image.detach().cpu() if hasattr(image, "detach") else image, dtype=np.float32)
-    return (np.clip(arr.transpose(1, 2, 0), 0, 1) * 255).round().astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray((np.clip(arr.transpose(1, 2, 0), 0, 1) * 255).round().astype(np.uint8)).save(buf, "PNG",
+                                                                                                   optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def typographic_examples(clean: Any, attacked: Any, labels: Sequence[int], written: Sequence[int],
@@ -452,8 +461,8 @@ def typographic_examples(clean: Any, attacked: Any, labels: Sequence[int], writt
         f"writes '{classnames[int(written[i])]}'<br>{guesses[i]}" for i in range(n)]
     fig = make_subplots(rows=2, cols=n, subplot_titles=titles, vertical_spacing=0.2, horizontal_spacing=0.01)
     for i in range(n):
-        fig.add_trace(go.Image(z=_rgb(clean[i]), hoverinfo="skip"), row=1, col=i + 1)
-        fig.add_trace(go.Image(z=_rgb(attacked[i]), hoverinfo="skip"), row=2, col=i + 1)
+        fig.add_trace(go.Image(source=_png_uri(clean[i]), hoverinfo="skip"), row=1, col=i + 1)
+        fig.add_trace(go.Image(source=_png_uri(attacked[i]), hoverinfo="skip"), row=2, col=i + 1)
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
     fig.update_annotations(font_size=10)
