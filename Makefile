@@ -22,8 +22,12 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/python -m lorekit demo
 
+# The suite, then the training notebook in JupyterLab in a real Chromium (scripts/browser_check.py), which
+# needs Debian's chromium: .ci/run installs it; elsewhere `apt-get install chromium` (without it, it says so).
 test: setup
 	$(BIN)/python -m pytest
+	@if command -v chromium >/dev/null; then $(BIN)/python scripts/browser_check.py; \
+	else echo "browser check not run: no chromium (Debian: apt-get install chromium)"; fi
 
 # DEVICES=0,1,2,3 (or auto) runs the points one per GPU: passed as notebook 3's `devices` parameter (a string).
 sweep: setup

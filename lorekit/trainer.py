@@ -123,10 +123,12 @@ class Trainer:
         self.reference = (reference if reference is not None else frozen_copy(encoder)).to(self.device).eval()
         tower = getattr(self.encoder, "visual", self.encoder)  # the open_clip tower inside an ImageEncoder
         if cfg.grad_checkpointing:
-            if not hasattr(tower, "set_grad_checkpointing"):
+            # open_clip's ModifiedResNet has the method but it does nothing: look for a module that switched on
+            if hasattr(tower, "set_grad_checkpointing"):
+                tower.set_grad_checkpointing(True)
+            if not any(getattr(m, "grad_checkpointing", False) is True for m in tower.modules()):
                 raise ConfigError(f"grad_checkpointing=True: {type(tower).__name__} cannot recompute its activations "
-                                  "(open_clip towers can)")
-            tower.set_grad_checkpointing(True)
+                                  "(open_clip's ViT and text-transformer towers can; its ResNets cannot)")
         if cfg.compile:
             tower.compile()  # in place: the ledger's hooks on the wrapper and the state-dict keys stay as they are
         self.train_set = train_set

@@ -8,7 +8,9 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 
@@ -191,21 +193,41 @@ def test_tensorboard_gets_the_same_scalars_as_metrics(tiny_cfg, one_thread):
 
 
 def test_gradient_checkpointing_and_compile_change_memory_and_speed_not_results(tiny_cfg, monkeypatch, one_thread):
-    base = replace(tiny_cfg, steps=2, eval_every=0)
-    plain = train(replace(base, run_dir=base.run_dir + "-plain"), progress=False)
-    ckpt = train(replace(base, run_dir=base.run_dir + "-ckpt", grad_checkpointing=True), progress=False)
+    from lorekit.attacks import embedding_attack_loss
+    from lorekit.trainer import build
+
+    # on a ViT (random weights, tests/fixtures/model_configs/tiny-vit.json): open_clip checkpoints transformer
+    # blocks only, and the embedded lorekit-tiny is a ResNet
+    open_clip.add_model_config(Path(__file__).parent / "fixtures" / "model_configs")
+    base = replace(tiny_cfg, model="tiny-vit", pretrained="", steps=2, eval_every=0)
+    plain, ckpt = build(replace(base, run_dir=base.run_dir + "-plain")), build(replace(base, grad_checkpointing=True))
+    assert ckpt.encoder.visual.transformer.grad_checkpointing and not plain.encoder.visual.transformer.grad_checkpointing
+    ckpt.encoder.load_state_dict(plain.encoder.state_dict())  # random weights: each build draws its own
+    ckpt.reference.load_state_dict(plain.reference.state_dict())
+    # The same gradients (compared directly: a few AdamW steps turn rounding in near-zero gradients into ±lr moves)
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for trainer in (plain, ckpt):
+        trainer.encoder.train()
+        loss = embedding_attack_loss(trainer.encoder, trainer.reference(x).detach())(x + 0.01)
+        grads.append(torch.autograd.grad(loss.sum(), [p for p in trainer.encoder.parameters() if p.requires_grad]))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    trained = train(replace(base, run_dir=base.run_dir + "-plain"), progress=False)
+    checkpointed = train(replace(base, grad_checkpointing=True), progress=False)
+    assert checkpointed["ledger"]["passes"] == trained["ledger"]["passes"]  # recomputation is not counted as work
     # torch.compile with the inductor backend costs minutes of C++ compilation on 2 cores: the test runs the real
     # dynamo capture with its eager backend instead, which checks the wiring (the tower compiled in place, the
     # ledger's hooks and the state-dict keys intact) but not inductor's kernels.
     real = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: real(self, backend="eager"))
     compiled = train(replace(base, run_dir=base.run_dir + "-compiled", compile=True), progress=False)
-    for other in (ckpt, compiled):
-        assert other["final"]["clean_acc"] == plain["final"]["clean_acc"]
-        assert other["final"]["fidelity"] == pytest.approx(plain["final"]["fidelity"], rel=1e-4)
-        assert other["ledger"]["passes"] == plain["ledger"]["passes"]
-    keys = torch.load(base.run_path.parent / "run-compiled" / "encoder.pt", weights_only=True).keys()
-    assert keys == torch.load(base.run_path.parent / "run-plain" / "encoder.pt", weights_only=True).keys()
+    assert compiled["ledger"]["passes"] == trained["ledger"]["passes"]
+    weights = [torch.load(base.run_path.parent / f"run-{name}" / "encoder.pt", weights_only=True)
+               for name in ("plain", "compiled")]
+    assert weights[0].keys() == weights[1].keys()
+    for key, value in weights[0].items():  # the same ops in the same order: equal to rounding
+        torch.testing.assert_close(weights[1][key], value, rtol=1e-4, atol=1e-6, msg=key)
 
 
 def test_gradient_checkpointing_is_refused_for_a_tower_without_it(tmp_path):
@@ -213,10 +235,14 @@ def test_gradient_checkpointing_is_refused_for_a_tower_without_it(tmp_path):
     from torch.utils.data import TensorDataset
 
     from lorekit.config import TrainConfig
+    from lorekit.models import load_clip
     from lorekit.trainer import Trainer
 
     data = TensorDataset(torch.rand(8, 3, 4, 4), torch.zeros(8, dtype=torch.long))
     with pytest.raises(ConfigError, match="grad_checkpointing=True: Flatten cannot recompute"):
         Trainer(TrainConfig(batch_size=4, grad_checkpointing=True, run_dir=str(tmp_path)), nn.Flatten(), data)
+    resnet = load_clip("lorekit-tiny", "digits").encoder  # its set_grad_checkpointing exists and does nothing
+    with pytest.raises(ConfigError, match="grad_checkpointing=True: ModifiedResNet cannot recompute"):
+        Trainer(TrainConfig(batch_size=4, grad_checkpointing=True, run_dir=str(tmp_path)), resnet, data)
     with pytest.raises(ConfigError, match="report_to='tensorbored': must be 'none' or a comma-separated list"):
         TrainConfig(report_to="tensorbored").validate()
