@@ -201,7 +201,7 @@ class Trainer:
         self._grad_norm = None
         with torch.no_grad(), self.autocast(), self.ledger.phase("reference"):
             ref = self.reference(x).float()
-        batch = Batch(x, y, ref)
+        batch = Batch(x, y, ref, step=self.step, first=self.world.rank * len(x))
         with self.ledger.phase("attack"):
             batch.x_adv = self.method.adversarial(batch, functools.partial(self._attack, x))
         with self.ledger.phase("update"):

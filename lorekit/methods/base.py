@@ -24,12 +24,18 @@ if TYPE_CHECKING:
 
 @dataclass
 class Batch:
-    """One training batch: clean images in [0,1], labels, φθ0(x), and the adversarial images once made."""
+    """One training batch: clean images in [0,1], labels, φθ0(x), and the adversarial images once made.
+
+    `first` is the place of x[0] in the global batch `step` (this rank's shard under data parallelism):
+    a method that draws per-sample randomness seeds sample i with (seed, step, first + i), as the loop's
+    PGD does, so a run does not depend on the number of processes or on being resumed."""
 
     x: torch.Tensor
     y: torch.Tensor
     ref: torch.Tensor
     x_adv: torch.Tensor | None = None
+    step: int = 0
+    first: int = 0
 
 
 @dataclass

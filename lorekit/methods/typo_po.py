@@ -19,9 +19,8 @@ At θ = θ0, h_raw = 0: DPO starts at log 2 and IPO at 1/(4β²), and the KL ter
 Per batch: the typographic images are drawn in `adversarial` (no PGD; the loop's attack hook) together with
 π_ref on them (one reference forward of B images, counted in the ledger's attack phase); π_ref on the clean
 images comes from the loop's φθ0(x) (Batch.ref), which costs nothing more. Each of the K updates forwards
-[x_t; x] (x_t only when po_kl = 0) through φθ. Attacks are seeded per sample by (seed, step, place in the
-batch); under data parallelism each rank numbers its own shard from 0, so ranks share those seeds (the
-images and their labels still differ).
+[x_t; x] (x_t only when po_kl = 0) through φθ. Attacks are seeded per sample by (seed, place in the stream of
+global batches: Batch.step and Batch.first), so neither the number of processes nor a resume changes them.
 
 Telemetry: loss_pref (the DPO or IPO term), loss_kl, pref_acc (fraction of samples with h_raw > 0), the
 margin h_raw per sample (mean and quantiles), and on x_t the batch's accuracy and written-class rate before
@@ -89,7 +88,6 @@ class TypoPO(Method):
         if len(ctx.classnames) != len(ctx.head.weights):
             raise ConfigError(f"method='typo-po': {len(ctx.classnames)} class names for a head of "
                               f"{len(ctx.head.weights)} classes")
-        self.step = 0  # batches seen: seeds the typographic images (saved in checkpoints)
         self._rejected: torch.Tensor | None = None
         self._ref_logits: torch.Tensor | None = None
 
@@ -103,8 +101,8 @@ class TypoPO(Method):
     def adversarial(self, batch: Batch, pgd: Callable[[LossFn], torch.Tensor]) -> torch.Tensor:
         """The typographic images (a wrong class name on each), and π_ref's logits on them for the update."""
         x_t, self._rejected = typographic_images(batch.x, batch.y, self.ctx.classnames, self.cfg.seed,
-                                                 offset=self.step * len(batch.x), style=self.cfg.typo_style)
-        self.step += 1
+                                                 offset=batch.step * self.cfg.batch_size + batch.first,
+                                                 style=self.cfg.typo_style)
         with torch.no_grad(), self.ctx.autocast():
             self._ref_logits = self.logits(self.ctx.reference(x_t))
         return x_t
@@ -133,9 +131,3 @@ class TypoPO(Method):
     def evaluate(self, classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         out = typographic_accuracy(classifier, images, labels, self.ctx.classnames, seed=0, style=self.cfg.typo_style)
         return {"typo_acc": out["typo_acc"], "typo_written": out["typo_written"]}
-
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step = int(state["step"])
