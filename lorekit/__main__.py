@@ -121,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack", nargs="+", default=["pgd"], metavar="ATTACK",
                    help="attacks on the zero-shot cross-entropy, one or more of: pgd (lorekit's PGD: random start, "
                         "momentum, step ε/4), fgsm (one step of size ε), apgd (APGD-CE + APGD-T, AutoAttack's "
-                        "'custom'); robust accuracy is reported as robust_acc@ε, fgsm_acc@ε, apgd_acc@ε")
+                        "'custom'), typographic (a wrong class name written on each image, lorekit.typographic; "
+                        "no ε); robust accuracy is reported as robust_acc@ε, fgsm_acc@ε, apgd_acc@ε, typographic "
+                        "accuracy as typo_acc and the fraction classified as the written class as typo_written")
     p.add_argument("--steps", type=int, default=20, help="PGD and APGD iterations (the AdvCLIP-LoRA paper: PGD-100)")
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
     _add_quiet(p)

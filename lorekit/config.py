@@ -31,6 +31,8 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 ADAPTERS = ("none", "lora")
 REPORTERS = ("none", "tensorboard", "wandb")
+PO_LOSSES = ("dpo", "ipo")
+TYPO_STYLES = ("auto", "paper", "label")  # lorekit.typographic.STYLE_NAMES
 
 
 class ConfigError(ValueError):
@@ -59,8 +61,10 @@ class TrainConfig:
     """Training objective, a name in the method registry (lorekit.methods): 'fare' (unsupervised
     adversarial embedding loss), 'fare-reg' (FARE plus a constant-λ clean penalty), 'lore'
     (constrained, primal-dual with a learned λ(x)), 'tecoa' (supervised cross-entropy of the
-    zero-shot classifier on adversarial images) or 'advclip-lora' (TeCoA's loss with LoRA on both towers,
-    the class embeddings recomputed through the adapted text tower; needs adapter='lora')."""
+    zero-shot classifier on adversarial images), 'advclip-lora' (TeCoA's loss with LoRA on both towers,
+    the class embeddings recomputed through the adapted text tower; needs adapter='lora') or 'typo-po'
+    (preference optimisation against typographic attacks: DPO or IPO on the zero-shot softmax, true class
+    preferred over the class name written on the image, against the frozen reference)."""
 
     model: str = "lorekit-tiny"
     """open_clip model name (e.g. 'ViT-B-32', 'ViT-L-14-quickgelu') or 'hf-hub:org/name'."""
@@ -103,6 +107,20 @@ class TrainConfig:
 
     lam: float = 1.0
     """Constant penalty weight λ of FARE-reg's clean term (ignored by the other methods)."""
+
+    po_loss: str = "dpo"
+    """typo-po's preference loss: 'dpo' (−log σ(β·h), Rafailov et al. 2023) or 'ipo' ((h − 1/(2β))²,
+    Azar et al. 2024), h the log-ratio margin of the true over the written class (lorekit.methods.typo_po)."""
+
+    po_beta: float = 0.1
+    """typo-po's β (> 0): DPO's inverse temperature; IPO's target margin is 1/(2β)."""
+
+    po_kl: float = 1.0
+    """typo-po's weight (>= 0) of KL(π_ref ‖ π) on the clean images, which keeps clean predictions in place."""
+
+    typo_style: str = "auto"
+    """How typo-po writes wrong class names (lorekit.typographic): 'paper' (font 9–18 % of the height, on the
+    image), 'label' (50–69 % of the height on a contrasting label) or 'auto' ('paper' at >= 96 px, else 'label')."""
 
     dual: str = "mlp"
     """LORE dual network Fω: 'mlp' (2 layers, per sample), 'linear' (per sample) or 'scalar'."""
@@ -259,6 +277,8 @@ class TrainConfig:
         check_choice("norm", self.norm, NORMS)
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("adapter", self.adapter, ADAPTERS)
+        check_choice("po_loss", self.po_loss, PO_LOSSES)
+        check_choice("typo_style", self.typo_style, TYPO_STYLES)
         trackers = [t.strip() for t in self.report_to.split(",")]
         if not trackers or any(t not in REPORTERS for t in trackers) or ("none" in trackers and len(trackers) > 1):
             raise ConfigError(f"report_to={self.report_to!r}: must be 'none' or a comma-separated list of "
@@ -276,6 +296,10 @@ class TrainConfig:
             raise ConfigError(f"rho={self.rho!r}: must be a non-negative number (e.g. 0.1)")
         if self.lam < 0:
             raise ConfigError(f"lam={self.lam!r}: must be a non-negative number")
+        if self.po_beta <= 0:
+            raise ConfigError(f"po_beta={self.po_beta!r}: must be > 0 (e.g. 0.1)")
+        if self.po_kl < 0:
+            raise ConfigError(f"po_kl={self.po_kl!r}: must be a non-negative number (0 drops the clean KL term)")
         if self.lambda_init <= 0:
             raise ConfigError(f"lambda_init={self.lambda_init!r}: must be > 0 (λ is a softplus output)")
         if self.attack_step_size < 0:

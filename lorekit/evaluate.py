@@ -3,7 +3,9 @@
 Clean accuracy; robust accuracy under one of ATTACKS on the zero-shot classifier's cross-entropy:
 'pgd' (lorekit.attacks.pgd: random start, momentum on the sign, step ε/4), 'fgsm' (one step of size ε,
 no random start: AdvCLIP-LoRA's second attack) or 'apgd' (APGD-CE + APGD-T, lorekit.apgd.autoattack_custom;
-the resumable, sanity-checked version of it lives in `robustness`); and the embedding metrics of the
+the resumable, sanity-checked version of it lives in `robustness`); accuracy on typographic images
+('typographic': a wrong class name written on each image, lorekit.typographic; keys typo_acc and
+typo_written, the fraction classified as the written class; no ε); and the embedding metrics of the
 method notes: cosine alignment mean cos(φθ(x), φθ0(x)), embedding fidelity
 mean ‖φθ(x) − φθ0(x)‖²/‖φθ0(x)‖², and the fraction of images satisfying the ρ-constraint.
 """
@@ -24,7 +26,8 @@ from .progress import Progress
 
 BATCH_SIZE = 256  # images per evaluation batch; progress is reported per batch
 
-ATTACKS = ("pgd", "fgsm", "apgd")
+ATTACKS = ("pgd", "fgsm", "apgd", "typographic")
+EPS_ATTACKS = ("pgd", "fgsm", "apgd")  # the attacks with a radius ε; 'typographic' writes a wrong class name
 
 
 def robust_key(eps: float, attack: str = "pgd") -> str:
@@ -127,19 +130,32 @@ def evaluate_encoder(encoder: nn.Module, reference: nn.Module, class_embeddings:
                      images: torch.Tensor, labels: torch.Tensor, eps_list: Sequence[float], *,
                      rho: float | None = None, steps: int = 10, norm: str = "linf",
                      batch_size: int = BATCH_SIZE, seed: int = 0, attacks: Sequence[str] = ("pgd",),
-                     progress: bool = False, desc: str = "evaluation") -> dict[str, float]:
+                     progress: bool = False, desc: str = "evaluation", classnames: Sequence[str] = (),
+                     typo_style: str = "auto") -> dict[str, float]:
     """Clean accuracy, robust accuracy under each attack at each ε (keys: `robust_key`), and the embedding
     metrics, in one dict. With `progress`, reports batches done under `desc` (lorekit.progress); APGD counts
-    as one batch per ε."""
+    as one batch per ε. 'typographic' needs the `classnames` (to write wrong ones) and adds typo_acc and
+    typo_written, with the attack's `typo_style` (lorekit.typographic), seeded by `seed`."""
     bad = [a for a in attacks if a not in ATTACKS]
     if bad or not attacks:
         raise ConfigError(f"attacks={list(attacks)}: choose one or more of {', '.join(ATTACKS)}")
+    if "typographic" in attacks and len(classnames) != len(class_embeddings):
+        raise ConfigError(f"attack 'typographic' writes class names: pass the {len(class_embeddings)} class names "
+                          f"of the head (got {len(classnames)})")
     classifier = ZeroShotClassifier(encoder, class_embeddings)
     batches = batch_count(len(images), batch_size)
-    total = batches + sum(1 if a == "apgd" else batches for a in attacks) * len(eps_list)
+    eps_attacks = [a for a in attacks if a in EPS_ATTACKS]
+    total = batches + sum(1 if a == "apgd" else batches for a in eps_attacks) * len(eps_list)
+    total += batches if "typographic" in attacks else 0
     with Progress(total, desc, unit="batch", enabled=progress) as bar:
         out = {"clean_acc": clean_accuracy(classifier, images, labels, batch_size, progress=bar)}
-        for attack in attacks:
+        if "typographic" in attacks:
+            from .typographic import typographic_accuracy
+
+            typo = typographic_accuracy(classifier, images, labels, classnames, seed=seed, style=typo_style,
+                                        batch_size=batch_size, progress=bar)
+            out.update(typo_acc=typo["typo_acc"], typo_written=typo["typo_written"])
+        for attack in eps_attacks:
             for eps in eps_list:
                 out[robust_key(eps, attack)] = robust_accuracy(attack, classifier, images, labels, eps, steps=steps,
                                                                norm=norm, batch_size=batch_size, seed=seed,

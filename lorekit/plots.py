@@ -433,6 +433,74 @@ def cost_per_run(rows: Sequence[Mapping[str, Any]]) -> go.Figure:
     return _layout(fig, "What each run trains and holds (LoRA solid, full fine-tuning hatched)", 440, side_legend=True)
 
 
+# --------------------------------------------------------------------------- typographic attacks
+def _png_uri(image: Any) -> str:
+    """[3, H, W] in [0,1] (tensor or array) as a colour PNG data URI: a few hundred bytes for a 32-px digit, where
+    go.Image's `z` would store every pixel as JSON numbers in the notebook."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    arr = np.asarray(image.detach().cpu() if hasattr(image, "detach") else image, dtype=np.float32)
+    buf = io.BytesIO()
+    Image.fromarray((np.clip(arr.transpose(1, 2, 0), 0, 1) * 255).round().astype(np.uint8)).save(buf, "PNG",
+                                                                                                   optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def typographic_examples(clean: Any, attacked: Any, labels: Sequence[int], written: Sequence[int],
+                         predictions: Mapping[str, Sequence[int]], classnames: Sequence[str], *,
+                         title: str = "Typographic attacks") -> go.Figure:
+    """Clean images (top row) over their attacked versions (bottom row); each column titled with the true and
+    the written class, the bottom one with each encoder's prediction on the attacked image (`predictions`:
+    encoder name -> predicted class per image)."""
+    n = len(labels)
+    guesses = ["<br>".join(f"{name}: {classnames[int(p[i])]}" for name, p in predictions.items()) for i in range(n)]
+    titles = [f"{classnames[int(labels[i])]}" for i in range(n)] + [
+        f"writes '{classnames[int(written[i])]}'<br>{guesses[i]}" for i in range(n)]
+    fig = make_subplots(rows=2, cols=n, subplot_titles=titles, vertical_spacing=0.2, horizontal_spacing=0.01)
+    for i in range(n):
+        fig.add_trace(go.Image(source=_png_uri(clean[i]), hoverinfo="skip"), row=1, col=i + 1)
+        fig.add_trace(go.Image(source=_png_uri(attacked[i]), hoverinfo="skip"), row=2, col=i + 1)
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    fig.update_annotations(font_size=10)
+    fig = _layout(fig, title, 300 + 15 * len(predictions), max(500, 110 * n))
+    fig.update_layout(margin=dict(l=10, r=10, t=80, b=10 + 15 * len(predictions)))
+    return fig
+
+
+def typographic_bars(rows: Sequence[Mapping[str, Any]], *, title: str = "Clean and typographic accuracy") -> go.Figure:
+    """clean_acc, typo_acc and typo_written of each encoder (rows: 'label', 'method' and those keys), grouped."""
+    metrics = {"clean_acc": "clean accuracy", "typo_acc": "typographic accuracy",
+               "typo_written": "classified as the written class"}
+    fig = go.Figure()
+    for i, (key, name) in enumerate(metrics.items()):
+        fig.add_bar(x=[r["label"] for r in rows], y=[r[key] for r in rows], name=name,
+                    marker=dict(color=CLASS_COLORS[i]), text=[f"{r[key]:.2f}" for r in rows], textposition="outside")
+    fig.update_layout(barmode="group")
+    fig.update_yaxes(range=[0, 1.1], title="fraction of held-out images")
+    return _layout(fig, title, 420)
+
+
+def preference_curves(runs: Mapping[str, Sequence[Record]], *, title: str = "Preference optimisation") -> go.Figure:
+    """Per run (name -> metrics records of a typo-po run): the preference term (DPO or IPO, log scale), the KL
+    term on clean images, the mean margin h_raw, and the held-out typographic accuracy at each evaluation."""
+    panels = (("train", "loss_pref", "preference term (DPO / IPO)"), ("train", "loss_kl", "KL(π_ref ‖ π), clean"),
+              ("train", "margin_mean", "margin h_raw (batch mean)"), ("eval", "typo_acc", "held-out typographic acc"))
+    fig = make_subplots(rows=2, cols=2, subplot_titles=[p[2] for p in panels], vertical_spacing=0.14)
+    for i, (name, records) in enumerate(runs.items()):
+        for j, (kind, key, _) in enumerate(panels):
+            xs, ys = _series(records, kind, key)
+            fig.add_scatter(x=xs, y=ys, mode="lines+markers" if kind == "eval" else "lines", name=name,
+                            legendgroup=name, showlegend=j == 0, line=dict(color=CLASS_COLORS[i % len(CLASS_COLORS)]),
+                            row=j // 2 + 1, col=j % 2 + 1)
+    fig.update_yaxes(type="log", row=1, col=1)
+    fig.update_xaxes(title="step", row=2)
+    return _layout(fig, title, 620)
+
+
 # --------------------------------------------------------------------------- embeddings
 def umap_grid(coords: Mapping[str, Mapping[str, np.ndarray]], labels: Sequence[int], classnames: Sequence[str], *,
               image_uris: Sequence[str] | None = None,

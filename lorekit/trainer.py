@@ -152,7 +152,8 @@ class Trainer:
         self.trained = self.world.wrap(self.encoder)
         trained_head = ZeroShotClassifier(self.trained, self.class_embeddings) if self.classifier is not None else None
         ctx = Context(cfg, self.encoder, self.trained, self.classifier, trained_head, embed_dim, self.device,
-                      self.autocast, self._primal_step, self.world.average_gradients, clip, classnames, templates)
+                      self.autocast, self._primal_step, self.world.average_gradients, clip, classnames, templates,
+                      self.reference)
         self.method = method(cfg, ctx)
         self.step = 0
         self._grad_norm: torch.Tensor | None = None  # the largest gradient norm of the step's updates
@@ -200,7 +201,7 @@ class Trainer:
         self._grad_norm = None
         with torch.no_grad(), self.autocast(), self.ledger.phase("reference"):
             ref = self.reference(x).float()
-        batch = Batch(x, y, ref)
+        batch = Batch(x, y, ref, step=self.step, first=self.world.rank * len(x))
         with self.ledger.phase("attack"):
             batch.x_adv = self.method.adversarial(batch, functools.partial(self._attack, x))
         with self.ledger.phase("update"):
@@ -247,6 +248,7 @@ class Trainer:
                 out["robust_acc"] = pgd_accuracy(self.classifier, self.eval_images, self.eval_labels, self.cfg.eps,
                                                  steps=self.cfg.attack_steps, norm=self.cfg.norm, seed=self.cfg.seed,
                                                  progress=bar)
+                out.update(self.method.evaluate(self.classifier, self.eval_images, self.eval_labels))
         self.trainable.train()
         return out
 

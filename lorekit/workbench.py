@@ -88,12 +88,13 @@ class Workbench:
                  class_embeddings: torch.Tensor | None = None, progress: bool = False,
                  desc: str = "evaluation") -> dict[str, float]:
         """Clean accuracy, robust accuracy under each attack ('pgd', 'fgsm', 'apgd'; `steps` iterations) at each
-        ε, cosine and fidelity to the original, on the subset; over this workbench's class embeddings unless
+        ε, typographic accuracy ('typographic': typo_acc, typo_written), cosine and fidelity to the original, on the subset; over this workbench's class embeddings unless
         others are given; `progress` reports it under `desc`."""
         weights = self.class_embeddings if class_embeddings is None else class_embeddings
         return evaluate_encoder(encoder, self.original, weights, self.images, self.labels, eps, rho=rho, steps=steps,
                                 norm=self.cfg.norm, seed=self.cfg.seed if seed is None else seed, attacks=attacks,
-                                progress=progress, desc=desc)
+                                progress=progress, desc=desc, classnames=self.data.classnames,
+                                typo_style=self.cfg.typo_style)
 
     def evaluate_run(self, run_dir: str | Path, eps: Sequence[float], *, steps: int, rho: float | None = None,
                      seed: int | None = None, attacks: Sequence[str] = ("pgd",), progress: bool = False,

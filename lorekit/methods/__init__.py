@@ -12,8 +12,9 @@ from .fare import FARE
 from .fare_reg import FAREReg
 from .lore import LORE
 from .tecoa import TeCoA
+from .typo_po import TypoPO
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (FARE, FAREReg, LORE, TeCoA, AdvCLIPLoRA)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (FARE, FAREReg, LORE, TeCoA, AdvCLIPLoRA, TypoPO)}
 
 
 def get(name: str) -> type[Method]:

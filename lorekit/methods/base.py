@@ -24,12 +24,18 @@ if TYPE_CHECKING:
 
 @dataclass
 class Batch:
-    """One training batch: clean images in [0,1], labels, φθ0(x), and the adversarial images once made."""
+    """One training batch: clean images in [0,1], labels, φθ0(x), and the adversarial images once made.
+
+    `first` is the place of x[0] in the global batch `step` (this rank's shard under data parallelism):
+    a method that draws per-sample randomness seeds sample i with (seed, step, first + i), as the loop's
+    PGD does, so a run does not depend on the number of processes or on being resumed."""
 
     x: torch.Tensor
     y: torch.Tensor
     ref: torch.Tensor
     x_adv: torch.Tensor | None = None
+    step: int = 0
+    first: int = 0
 
 
 @dataclass
@@ -63,6 +69,8 @@ class Context:
     clip: Any = None  # the whole models.LoadedCLIP (text tower, tokenizer) when the trainer was built from one
     classnames: Sequence[str] = ()  # the training data's class names and prompt templates, for methods that
     templates: Sequence[str] = ()  # recompute class embeddings through a text tower that trains
+    reference: nn.Module | None = None  # φθ0, the loop's frozen reference (a frozen copy, or the adapted model
+    # with its adapters off): for methods that need more of it than φθ0(x), which the loop hands over in Batch.ref
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """φθ(images) through the trained module, as float32."""
@@ -110,6 +118,11 @@ class Method:
 
     def update(self, batch: Batch) -> Update:
         raise NotImplementedError
+
+    def evaluate(self, classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """Metrics of the method's own threat that the loop's held-out evaluation adds to clean and PGD
+        accuracy (typo-po: accuracy on typographic images); `classifier` is the zero-shot head on φθ."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {}
