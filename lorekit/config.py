@@ -444,7 +444,7 @@ def field_docs(cls: type = TrainConfig) -> dict[str, str]:
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> None:
     """One --flag per config field, typed as str so validate() does the casting and the errors."""
-    docs = field_docs(cls)
+    docs = {name: doc.replace("%", "%%") for name, doc in field_docs(cls).items()}  # argparse %-formats help
     for f in fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag = "--" + f.name.replace("_", "-")

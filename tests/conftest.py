@@ -8,7 +8,7 @@ import torch
 
 collect_ignore = ["fixtures/sweep_toy.ipynb"]
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")
