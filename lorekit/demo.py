@@ -43,7 +43,7 @@ RECIPE = "demo"
 EVAL_EPS = (2 / 255, 4 / 255)
 EVAL_PGD_STEPS = 20
 ROBUST_SAMPLES = 200  # held-out digits attacked per row (a fixed subset, drawn with seed 0)
-FARE_REG_LAMS = (1.0, 10.0)  # FARE-reg's small λ sweep; `best_lam` picks the row's λ from it
+FARE_REG_LAMS = (1.0, 10.0, 100.0)  # FARE-reg's small λ sweep; `best_lam` picks the row's λ from it
 SELECT_EPS = 4 / 255  # best_lam's robustness criterion: robust accuracy at this ε
 ORIGINAL = "original"
 
