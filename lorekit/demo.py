@@ -217,7 +217,7 @@ def format_table(rows: Mapping[str, Mapping[str, tuple[float, float]]], labels: 
     return "\n".join("| " + " | ".join(line) + " |" for line in lines)
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
     try:
         root = Path(__file__).resolve().parents[1]
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -240,6 +240,7 @@ def run_demo(out_dir: str | Path = "runs/demo", steps: int | None = None, seeds:
     for job in todo:
         check_output_dir(job.config(out, steps).run_path, "out")
     out.mkdir(parents=True, exist_ok=True)
+    commit = git_commit()  # the code that runs: taken before the runs, so later edits do not mislabel it
     start = time.perf_counter()
     ctx = get_context("spawn")
     with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx, initializer=_worker_init) as pool:
@@ -262,7 +263,6 @@ def run_demo(out_dir: str | Path = "runs/demo", steps: int | None = None, seeds:
             "fare-reg": agg[f"fare-reg-lam{lam:g}"], "lore": agg["lore"]}
     labels = {**row_labels(k), "fare-reg": f"FARE-reg (λ={lam:g}, best of {', '.join(f'{v:g}' for v in lams)})"}
     table = format_table(rows, labels, len(seeds))
-    commit = _git_commit()
     seeds_text = " ".join(map(str, seeds))
     header = (f"Demo recipe: ε = {base.eps * 255:g}/255 (ℓ∞ PGD-{base.attack_steps} in training), {base.steps} batches "
               f"of {base.batch_size} digits, AdamW lr {base.lr:g}; LORE ρ = {base.rho:g}, K = {k}, dual lr "
