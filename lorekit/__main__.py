@@ -83,6 +83,11 @@ def _demo(args: argparse.Namespace) -> int:
     import shlex
     import sys
 
+    if args.rewrite:
+        from .demo import rewrite
+
+        rewrite(args.out)
+        return 0
     command = "python -m lorekit demo" + "".join(f" {shlex.quote(a)}" for a in sys.argv[2:])
     run_demo(out_dir=args.out, steps=args.steps, seeds=args.seeds, workers=args.workers, progress=not args.quiet,
              command=command)
@@ -153,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "recipe's)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds; several give mean ± std")
     p.add_argument("--workers", type=int, default=2, help="runs trained at a time (processes, one thread each)")
+    p.add_argument("--rewrite", action="store_true", help="only write results.md and demo.png again from "
+                   "OUT/results.json (no training, no evaluation)")
     _add_quiet(p)
     p.set_defaults(func=_demo)
 
