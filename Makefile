@@ -1,5 +1,6 @@
 # Two entry points (see README): `make demo` and `make test`. Both create .venv on first use.
-# `make sweep` runs notebook 3's ρ sweep on the embedded default (notebooks/params/rho_front.yaml);
+# `make sweep` runs notebook 3's fronts at equal compute on the embedded default (notebooks/params/rho_front.yaml:
+# LORE over ρ, FARE-reg over λ, FARE over ε, 3 seeds) and copies its figures and table to docs/results/front;
 # `make sweep DEVICES=0,1,2,3` one point per GPU.
 PYTHON ?= python3
 VENV := .venv

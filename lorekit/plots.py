@@ -232,24 +232,41 @@ def update_training_curves(fig: go.Figure, records: Sequence[Record], *, rho: fl
 
 # --------------------------------------------------------------------------- sweeps
 def _label(row: Mapping[str, Any]) -> str:
-    """'ρ=0.05' for a point on a method's front (its knob's symbol and value)."""
+    """'ρ=0.05' for a point on a method's front (its knob's symbol and value); a row's own 'label' wins."""
+    if row.get("label"):
+        return str(row["label"])
     field = knob(row.get("method"))
     return f"{METHODS[row['method']].knob_label}={row[field]:g}" if field else ""
 
 
+def _errors(pts: Sequence[Mapping[str, Any]], key: str) -> dict[str, Any] | None:
+    """Error bars from the rows' '<key>_std' (several seeds), None when no row has one."""
+    std = [r.get(f"{key}_std") for r in pts]
+    if not any(std):
+        return None
+    return dict(type="data", array=[s or 0.0 for s in std], visible=True, thickness=1.2, width=3)
+
+
 def front(rows: Sequence[Mapping[str, Any]], *, eps: float | None = None) -> go.Figure:
-    """Clean vs robust accuracy: each method's points (a line along its knob), and the original, on one figure."""
+    """Clean vs robust accuracy: each method's points (a line along its knob), and the original, on one figure.
+
+    Rows may carry 'clean_acc_std' / 'robust_acc_std' (error bars, e.g. over seeds) and a 'label' (the point's
+    text). A method without a knob whose rows differ in 'eps' (FARE at several training ε) is drawn as a line
+    along ε."""
     fig = go.Figure()
     for method in dict.fromkeys([ORIGINAL, *METHODS, *(r.get("method") for r in rows)]):
         pts = [r for r in rows if r.get("method") == method]
         if not pts:
             continue
         key = knob(method)
+        if key is None and len(pts) > 1 and len({r.get("eps") for r in pts}) == len(pts):
+            key = "eps"
         if key:
             pts = sorted(pts, key=lambda r: r[key])
         fig.add_scatter(x=[r["clean_acc"] for r in pts], y=[r["robust_acc"] for r in pts],
+                        error_x=_errors(pts, "clean_acc"), error_y=_errors(pts, "robust_acc"),
                         mode="lines+markers+text" if key else "markers+text", name=method_name(method),
-                        text=[_label(r) for r in pts] if key else [method_name(method)], textposition="top center",
+                        text=[_label(r) or method_name(method) for r in pts], textposition="top center",
                         marker=dict(size=10, color=method_color(method), symbol="star" if not key else "circle"),
                         line=dict(color=method_color(method)))
     at = f" at ε={eps * 255:g}/255" if eps else ""
@@ -274,7 +291,8 @@ def knob_tradeoff(rows: Sequence[Mapping[str, Any]], method: str,
     span = [min(values), max(values)]
     for i, (key, _) in enumerate(metrics):
         row, col = divmod(i, 2)
-        fig.add_scatter(x=values, y=[r[key] for r in pts], mode="lines+markers", name=method_name(method),
+        fig.add_scatter(x=values, y=[r[key] for r in pts], error_y=_errors(pts, key), mode="lines+markers",
+                        name=method_name(method),
                         line=dict(color=method_color(method)), showlegend=i == 0, row=row + 1, col=col + 1)
         for other in references:
             ref = [r for r in rows if r.get("method") == other and r.get(key) is not None]

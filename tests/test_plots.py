@@ -333,3 +333,15 @@ def test_hover_explorer_shows_the_hovered_image():
     trace._dispatch_on_hover(Points(point_inds=[0], xs=[0.0], ys=[0.0], trace_name="one", trace_index=1), state)
     assert uris[1] in pane.value and "image #1" in pane.value and "one" in pane.value
     json.dumps(widget.to_dict())  # the widget's figure stays serialisable
+
+
+def test_front_draws_seed_error_bars_and_fare_along_its_training_eps():
+    rows = [{"method": "lore", "rho": r, "clean_acc": 0.9 - r, "robust_acc": 0.4 + r, "clean_acc_std": 0.01,
+             "robust_acc_std": 0.02} for r in (0.1, 0.01)]
+    rows += [{"method": "fare", "eps": e / 255, "label": f"ε={e}", "clean_acc": 0.9 - e / 100, "robust_acc": 0.3 + e / 100}
+             for e in (8, 4)]
+    fig = plots.front(rows, eps=4 / 255)
+    lore, fare = _trace(fig, "LORE"), _trace(fig, "FARE")
+    assert list(lore.error_x.array) == [0.01, 0.01] and list(lore.error_y.array) == [0.02, 0.02]
+    assert list(fare.text) == ["ε=4", "ε=8"] and fare.mode == "lines+markers+text"  # a line along ε
+    assert fare.error_x.array is None  # no std given: no error bars

@@ -31,7 +31,8 @@ def test_extends_method_tables_and_overrides():
     assert tiny_lore.updates_per_batch == 2 and tiny_fare.updates_per_batch == 1  # [tiny.lore] only
     assert recipes.recipe("tiny-train", "lore").primal_steps == 2  # inherited with `extends`
     front = recipes.recipe("rho-front")
-    assert (front.dual_lr, front.steps, front.lr, front.eps) == (0.02, 150, 1e-4, pytest.approx(4 / 255))
+    assert (front.dual_lr, front.steps, front.lr, front.eps, front.rho) == (0.02, 100, 1e-4, pytest.approx(8 / 255), 0.01)
+    assert (front.batch_size, front.attack_steps) == (32, 5)
     assert recipes.recipe("demo", "fare", steps=7, rho=None).steps == 7  # None keeps the recipe's value
     assert recipes.recipe("bench-fare4").method == "fare"
 

@@ -331,6 +331,7 @@ def test_make_sweep_parameters_are_notebook_3_parameters_and_valid_configs():
     right type there (papermill only warns on unknown names), and every point a valid training config."""
     import yaml
 
+    from lorekit.methods import get
     from lorekit.recipes import recipe
 
     params = yaml.safe_load((REPO / "notebooks" / "params" / "rho_front.yaml").read_text())
@@ -340,10 +341,16 @@ def test_make_sweep_parameters_are_notebook_3_parameters_and_valid_configs():
     for name, value in params.items():
         assert isinstance(value, types[known[name]["type"]]), (name, value, known[name]["type"])
     assert params["reuse"] is True  # a re-run after a kill must finish the sweep, not start it over
-    assert len(params["rhos"]) >= 5 and params["lams"] and params["fare"]
+    # fronts of all three methods over their own knobs, over >= 3 seeds, at one budget of training passes
+    assert len(params["rhos"]) >= 3 and len(params["lams"]) >= 2 and len(params["fare_eps"]) >= 2
+    assert len(params["seeds"]) >= 3 and params["budget"] > 0
+    passes = []
     for point in [{"method": "lore", "rho": r} for r in params["rhos"]] + [
-            {"method": "fare-reg", "lam": lam} for lam in params["lams"]] + [{"method": "fare"}]:
-        recipe(params["recipe"], **point)  # validates
+            {"method": "fare-reg", "lam": lam} for lam in params["lams"]] + [
+            {"method": "fare", "eps": e / 255} for e in params["fare_eps"]]:
+        cfg = recipe(params["recipe"], budget=params["budget"], **point)  # validates; the budget sets the steps
+        passes.append(cfg.steps * get(cfg.method).passes_per_step(cfg))
+    assert all(params["budget"] * 0.95 <= p <= params["budget"] for p in passes), passes  # equal compute
 
 
 # ------------------------------------------------------------------------------- devices, interruptions, jobs
