@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import subprocess
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -125,8 +128,19 @@ class SuiteEvaluator:
 _EVALUATOR: SuiteEvaluator | None = None
 
 
-def _worker_init() -> None:
+def _worker_init(parent: int) -> None:
     torch.set_num_threads(1)
+    threading.Thread(target=_stop_when_orphaned, args=(parent,), daemon=True).start()
+
+
+def _stop_when_orphaned(parent: int) -> None:
+    """A worker whose demo process was killed (a lone SIGTERM, SIGKILL) would go on through the queued runs:
+    it signals itself instead, every second, so a run in progress checkpoints at its next step boundary and
+    stops (lorekit.stopping), and the next signal ends the worker."""
+    while True:
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
 
 
 def _run_job(job: Job, out: str, steps: int | None, robust_samples: int) -> dict[str, Any]:
@@ -243,7 +257,8 @@ def run_demo(out_dir: str | Path = "runs/demo", steps: int | None = None, seeds:
     commit = git_commit()  # the code that runs: taken before the runs, so later edits do not mislabel it
     start = time.perf_counter()
     ctx = get_context("spawn")
-    with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx, initializer=_worker_init) as pool:
+    with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx, initializer=_worker_init,
+                             initargs=(os.getpid(),)) as pool:
         futures = [pool.submit(_run_job, job, str(out), steps, robust_samples) for job in todo]
         original = pool.submit(_run_original, str(out), robust_samples)
         runs = []

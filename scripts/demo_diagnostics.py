@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -46,7 +47,8 @@ def main() -> None:
     out = Path(args.out)
     jobs = [demo.Job(key, method, args.seed, overrides) for key, method, overrides in JOBS]
     start = time.perf_counter()
-    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"), initializer=demo._worker_init) as pool:
+    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"), initializer=demo._worker_init,
+                             initargs=(os.getpid(),)) as pool:
         rows = [summary(f.result()) for f in [pool.submit(demo._run_job, j, str(out), None, demo.ROBUST_SAMPLES)
                                               for j in jobs]]
     write(out, rows, {"command": "PYTHONPATH=. python scripts/demo_diagnostics.py --out " + str(out),

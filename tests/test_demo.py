@@ -1,8 +1,12 @@
 """The demo's table builder (lorekit/demo.py): rows, per-domain columns and their average, mean ± std over seeds,
-FARE-reg's best-λ rule, and the recipe it trains with. Small and fast: no training."""
+FARE-reg's best-λ rule, and the recipe it trains with; and that a killed demo stops its workers."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -102,3 +106,24 @@ def test_suite_evaluator_averages_the_domains():
     out = ev(_Fixed())
     assert out["clean_digits"] == 1.0 and out["clean_words"] == 0.5 and out["clean_avg"] == 0.75
     assert out["fidelity"] == 0.0 and out["satisfied"] == 1.0
+
+
+def test_a_killed_demo_leaves_no_worker_training_and_checkpoints_the_run_in_progress(tmp_path):
+    import psutil
+
+    out = tmp_path / "demo"
+    proc = subprocess.Popen([sys.executable, "-m", "lorekit", "demo", "--out", str(out), "--steps", "400",
+                             "--workers", "1", "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while not any(p.read_text().count('"train"') >= 2 for p in out.rglob("metrics.jsonl")):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGTERM)  # the demo process alone, as `kill PID` does
+    proc.wait(timeout=60)
+    _, alive = psutil.wait_procs(workers, timeout=60)
+    assert not alive, f"workers still running after the demo was killed: {alive}"
+    runs = [p.parent for p in out.rglob("checkpoint.pt")]
+    assert runs and not any((r / "summary.json").exists() for r in runs)  # checkpointed, not finished
+    assert all(torch.load(r / "checkpoint.pt", weights_only=True)["step"] < 400 for r in runs)
