@@ -144,15 +144,16 @@ def check(cfg: TrainConfig) -> TrainConfig:
     except json.JSONDecodeError as e:
         raise ConfigError(f"run_dir={str(cfg.run_path)!r}: {CONFIG} is corrupt ({e})") from None
     diff = config_diff(saved, cfg.to_dict())
+    if not (cfg.run_path / CHECKPOINT).is_file() and not is_finished(cfg.run_path):
+        # nothing to resume and nothing to lose (e.g. it diverged at once): start over, with this config
+        print(f"lorekit: {cfg.run_path} holds a run that stopped before its first checkpoint; starting it over"
+              + (f" with this config ({', '.join(diff)} changed)" if diff else ""))
+        remove(cfg.run_path)
+        return replace(cfg, resume=False)
     if diff:
         detail = ", ".join(f"{k}: saved {saved.get(k)!r} vs {getattr(cfg, k, None)!r}" for k in diff)
         raise ConfigError(f"run_dir={str(cfg.run_path)!r} already holds a run with a different config ({detail}); "
                           "choose another run_dir")
-    if not (cfg.run_path / CHECKPOINT).is_file() and not is_finished(cfg.run_path):
-        print(f"lorekit: {cfg.run_path} holds this run but no checkpoint (it stopped before its first one); "
-              "starting it over")
-        remove(cfg.run_path)
-        return replace(cfg, resume=False)
     if not cfg.resume:
         raise ConfigError(f"run_dir={str(cfg.run_path)!r} already holds this run; pass resume=True (--resume) "
                           "to continue it, or choose another run_dir")

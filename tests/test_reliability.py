@@ -2,6 +2,7 @@
 step boundary after a checkpoint, one writer per run directory, runs that died early start again, torn
 metrics lines are dropped; and the trainer's switches (TensorBoard, gradient checkpointing, torch.compile)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -159,6 +160,13 @@ def test_a_run_that_died_before_its_first_checkpoint_starts_again(tmp_path, unin
         out = _cli(run, *extra)
         assert out.returncode == 0 and "starting it over" in out.stdout, out.stderr
         assert _strip(read_metrics(run)) == _strip(read_metrics(uninterrupted))
+    diverged = tmp_path / "diverged"  # died at once with lr 1e3: started again with a sane lr, no deleting by hand
+    diverged.mkdir()
+    (diverged / "config.json").write_text(json.dumps({**json.loads((uninterrupted / "config.json").read_text()),
+                                                      "lr": 1000.0}))
+    out = _cli(diverged)
+    assert out.returncode == 0 and "starting it over with this config (lr changed)" in out.stdout, out.stderr
+    assert _strip(read_metrics(diverged)) == _strip(read_metrics(uninterrupted))
 
 
 def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, uninterrupted):
