@@ -174,11 +174,10 @@ class Trainer:
                                pin_memory=self.device.type == "cuda"))
 
     # ------------------------------------------------------------------ one step
-    def _attack(self, x: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
-        cfg = self.cfg
-        first = self.world.rank * len(x)  # this shard's place in the global batch
+    def _attack(self, batch: Batch, loss_fn: LossFn) -> torch.Tensor:
+        cfg, x = self.cfg, batch.x
         start = seeded_random_start(x, cfg.eps, cfg.norm,
-                                    [noise_seed(cfg.seed, self.step, first + i) for i in range(len(x))])
+                                    [noise_seed(cfg.seed, batch.step, batch.first + i) for i in range(len(x))])
         self.trainable.eval()
         with self.autocast():
             x_adv = pgd(loss_fn, x, cfg.eps, steps=cfg.attack_steps, step_size=cfg.step_size, norm=cfg.norm,
@@ -203,7 +202,7 @@ class Trainer:
             ref = self.reference(x).float()
         batch = Batch(x, y, ref, step=self.step, first=self.world.rank * len(x))
         with self.ledger.phase("attack"):
-            batch.x_adv = self.method.adversarial(batch, functools.partial(self._attack, x))
+            batch.x_adv = self.method.adversarial(batch, functools.partial(self._attack, batch))
         with self.ledger.phase("update"):
             update = self.method.update(batch)
         clean = update.clean
