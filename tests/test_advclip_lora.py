@@ -108,7 +108,7 @@ def test_the_perturbation_is_per_sample_and_inside_the_pixel_ball(trained):
     y = torch.tensor([3, 3, 0, 1])
     with torch.no_grad():
         batch = Batch(x, y, trainer.reference(x))
-    x_adv = trainer.method.adversarial(batch, functools.partial(trainer._attack, x))
+    x_adv = trainer.method.adversarial(batch, functools.partial(trainer._attack, batch))
     delta = x_adv - x
     assert delta.abs().max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
     assert delta.abs().amax() > 0.9 * eps  # ε is in pixel units, not scaled by the normaliser's std
